@@ -147,7 +147,12 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         sum_tail = torch.empty(num_rows, dtype=cdtype, device=dev) if with_tail else None
         picked = torch.empty(ids.shape, dtype=cdtype, device=dev)
         exp = None
-        for rows in _chunks(num_rows, chunk_size):
+        if num_valid == 0:  # every column of this rank is padding: it contributes nothing
+            for buf in (sum_exp, sum_exp_shift, sum_tail, picked):
+                if buf is not None:
+                    buf.zero_()
+            exp = None if chunked else torch.empty((num_rows, 0), dtype=cdtype, device=dev)
+        for rows in _chunks(num_rows, chunk_size) if num_valid else []:
             shifted = valid[rows].to(cdtype) - row_max[rows, None]  # a fresh buffer, always
             picked[rows] = torch.where(owned[rows], shifted.gather(1, local_ids[rows]), 0.0)
             if sum_exp_shift is None:
@@ -196,7 +201,6 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         grad_tail: Tensor,  # [N], or empty when the tail was not requested
         grad_entropy: Tensor,  # [N], or empty when the entropy was not requested
     ) -> tuple[Tensor | None, ...]:
-        ids, lse, probs_or_logits, tail_logprobs, entropy = ctx.saved_tensors
         if ctx.chunk_size is None:
             if ctx.backward_done:
                 raise RuntimeError(
@@ -204,7 +208,10 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                     "softmax becomes the gradient in place. Pass chunk_size=... to recompute instead."
                 )
             ctx.backward_done = True
+        ids, lse, probs_or_logits, tail_logprobs, entropy = ctx.saved_tensors
         num_valid, cdtype = ctx.num_valid, lse.dtype
+        if num_valid == 0:
+            return (torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=lse.device),) + (None,) * 8
         local_ids, owned = _owned(ids, ctx.vocab_start, num_valid)
         grad_logprobs = grad_logprobs.to(cdtype)
         g_tail = grad_tail.to(cdtype) if grad_tail is not None and grad_tail.numel() else None
