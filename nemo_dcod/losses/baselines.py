@@ -28,6 +28,7 @@ from nemo_dcod.losses.types import (
     LossOutput,
     LossRequirements,
     masked,
+    sanitized,
     validate_inputs,
     validate_values,
 )
@@ -36,11 +37,11 @@ from nemo_dcod.losses.weights import document_index, log_ratio, per_document_mea
 __all__ = ["DFTLoss", "IWSFTLoss", "KLLoss", "SFTLoss", "ToDiLoss"]
 
 
-def _checked(inputs: LossInputs, reqs: LossRequirements, ctx: LossContext) -> Tensor:
+def _checked(inputs: LossInputs, reqs: LossRequirements, ctx: LossContext) -> tuple[LossInputs, Tensor]:
     validate_inputs(inputs, reqs)
     if ctx.validate:
         validate_values(inputs, reqs)
-    return inputs.mask
+    return sanitized(inputs), inputs.mask
 
 
 def _output(per_token: Tensor, weights: Tensor, mask: Tensor) -> LossOutput:
@@ -61,7 +62,7 @@ class SFTLoss:
     requirements = LossRequirements()
 
     def __call__(self, inputs: LossInputs, ctx: LossContext) -> LossOutput:
-        mask = _checked(inputs, self.requirements, ctx)
+        inputs, mask = _checked(inputs, self.requirements, ctx)
         lq = inputs.student_logprobs
         return _output(-lq, torch.ones_like(lq), mask)
 
@@ -73,7 +74,7 @@ class DFTLoss:
     requirements = LossRequirements()
 
     def __call__(self, inputs: LossInputs, ctx: LossContext) -> LossOutput:
-        mask = _checked(inputs, self.requirements, ctx)
+        inputs, mask = _checked(inputs, self.requirements, ctx)
         lq = inputs.student_logprobs
         weights = masked(lq.detach(), mask).exp()
         return _output(-lq, weights, mask)
@@ -93,7 +94,7 @@ class IWSFTLoss:
     requirements = LossRequirements(teacher_logprobs=True)
 
     def __call__(self, inputs: LossInputs, ctx: LossContext) -> LossOutput:
-        mask = _checked(inputs, self.requirements, ctx)
+        inputs, mask = _checked(inputs, self.requirements, ctx)
         assert inputs.teacher_logprobs is not None
         lq = inputs.student_logprobs
         ratio = log_ratio(lq, inputs.teacher_logprobs, mask)
@@ -111,7 +112,7 @@ class KLLoss:
     requirements = LossRequirements(teacher_topk=True)
 
     def __call__(self, inputs: LossInputs, ctx: LossContext) -> LossOutput:
-        mask = _checked(inputs, self.requirements, ctx)
+        inputs, mask = _checked(inputs, self.requirements, ctx)
         per_token = topk_forward_kl(*_topk_terms(inputs))
         return _output(per_token, torch.ones_like(per_token), mask)
 
@@ -128,6 +129,6 @@ class ToDiLoss:
     requirements = LossRequirements(teacher_topk=True)
 
     def __call__(self, inputs: LossInputs, ctx: LossContext) -> LossOutput:
-        mask = _checked(inputs, self.requirements, ctx)
+        inputs, mask = _checked(inputs, self.requirements, ctx)
         per_token = todi_topk(*_topk_terms(inputs), beta=self.beta)
         return _output(per_token, torch.ones_like(per_token), mask)

@@ -41,6 +41,7 @@ from nemo_dcod.losses.types import (
     LossRequirements,
     WeightStats,
     masked,
+    sanitized,
     validate_inputs,
     validate_values,
 )
@@ -131,6 +132,7 @@ class DisCorDLoss:
         validate_inputs(inputs, reqs)
         if ctx.validate:
             validate_values(inputs, reqs)
+        inputs = sanitized(inputs)
         mask = inputs.mask
         delta, clipped = self.delta(inputs)
         stats = ctx.stats if ctx.stats is not None else self.weight_stats([inputs], ctx.dp_group)

@@ -9,6 +9,7 @@ whatever the layout. Inputs are batch-first ``[B, S]`` (what Megatron-core's and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -186,6 +187,33 @@ def validate_values(inputs: LossInputs, requirements: LossRequirements) -> None:
             "teacher_topk_logprobs", mask & (mass > 1.0 + 1e-3), mass, "sum to a probability above 1",
             "Top-k ids must be distinct and their log-probs normalised over the full vocabulary.",
         )
+
+
+def sanitized(inputs: LossInputs) -> LossInputs:
+    """A copy whose non-loss positions hold harmless finite log-probs instead of whatever was there.
+
+    Zeroing a loss term with ``where`` is not enough when the term itself was computed from a NaN
+    or inf (``inf * 0`` in its backward is NaN): the inputs are cleaned before any math, so
+    garbage under the mask (padding, prompts, ``-inf`` from an engine) never reaches a gradient.
+    """
+    mask = inputs.mask
+
+    def clean(t: Tensor | None, value: float) -> Tensor | None:
+        if t is None:
+            return None
+        m = mask if t.dim() == mask.dim() else mask.unsqueeze(-1)
+        return torch.where(m, t, torch.full((), value, dtype=t.dtype, device=t.device))
+
+    k = inputs.teacher_topk_logprobs.shape[-1] if inputs.teacher_topk_logprobs is not None else 1
+    return LossInputs(
+        student_logprobs=clean(inputs.student_logprobs, -1.0),  # type: ignore[arg-type]
+        loss_mask=inputs.loss_mask,
+        teacher_logprobs=clean(inputs.teacher_logprobs, -1.0),
+        student_topk_logprobs=clean(inputs.student_topk_logprobs, -1.0),
+        student_tail_logprobs=clean(inputs.student_tail_logprobs, -1.0),
+        teacher_topk_logprobs=clean(inputs.teacher_topk_logprobs, -math.log(2.0 * k)),
+        segment_ids=inputs.segment_ids,
+    )
 
 
 def masked(values: Tensor, mask: Tensor) -> Tensor:

@@ -93,6 +93,9 @@ SHIMMED_MODULES: dict[str, str] = {
     "megatron.core.distributed.param_and_grad_buffer": "grad buffers on current_device(), streams",
     # DistributedDataParallel.__init__: `torch.cuda.Stream(device=torch.cuda.current_device())`.
     "megatron.core.distributed.distributed_data_parallel": "communication stream",
+    # Timer.start/stop (barrier=True): torch.cuda.synchronize(); Timers._get_elapsed_time_all_ranks:
+    # buffer on current_device() (NeMo's ProgressPrinter logs the Megatron timers every step).
+    "megatron.core.timers": "synchronize(), gather buffer on current_device()",
     # FP32Optimizer/ChainedOptimizer.get_loss_scale: `torch.tensor([1.0], device=current_device())`.
     "megatron.core.optimizer.optimizer": "loss-scale tensor on current_device()",
     # MegatronParallel.forward: `torch.tensor(0.0, device=torch.cuda.current_device())` on non-last

@@ -95,7 +95,7 @@ def student_loss_inputs(
         group=tp_group,
         vocab_size=vocab_size,
         with_tail=topk,
-        tail_from=1,
+        tail_from=1 if topk else 0,
         chunk_size=chunk_size,
         mask=mask if validate else None,
     )

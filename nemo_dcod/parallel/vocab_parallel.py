@@ -348,7 +348,7 @@ def vocab_parallel_logprobs(
     full_vocab = logits.shape[-1] * tp
     if vocab_size is not None and not 0 < vocab_size <= full_vocab:
         raise ValueError(f"vocab_size={vocab_size} must be in (0, {full_vocab}] (= V/TP * TP).")
-    if not 0 <= tail_from < max(ids.shape[-1], 1):
+    if with_tail and not 0 <= tail_from < ids.shape[-1]:
         raise ValueError(f"tail_from={tail_from} must index into the last dim of ids ({ids.shape[-1]}).")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of rows, or None.")
