@@ -46,9 +46,7 @@ def build_loss(name: str, **params: Any) -> TokenLoss:
     valid = set(cls.__dataclass_fields__)
     unknown = sorted(set(params) - valid)
     if unknown:
-        raise ValueError(
-            f"loss {name!r} has no parameter(s) {unknown}; it takes {sorted(valid) or 'none'}."
-        )
+        raise ValueError(f"loss {name!r} has no parameter(s) {unknown}; it takes {sorted(valid) or 'none'}.")
     loss: TokenLoss = cls(**params)
     return loss
 

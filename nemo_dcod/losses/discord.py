@@ -113,8 +113,10 @@ class DisCorDLoss:
         """
         deltas = [(self.delta(mb)[0], mb.mask) for mb in micro_batches]
         delta_sum, count = all_reduce_sum(
-            [sum((masked(d, m).sum() for d, m in deltas), torch.zeros(())),
-             sum((m.sum() for _, m in deltas), torch.zeros(()))],
+            [
+                sum((masked(d, m).sum() for d, m in deltas), torch.zeros(())),
+                sum((m.sum() for _, m in deltas), torch.zeros(())),
+            ],
             group,
         )
         n = max(float(count), 1.0)

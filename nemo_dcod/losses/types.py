@@ -172,9 +172,7 @@ def validate_values(inputs: LossInputs, requirements: LossRequirements) -> None:
     if requirements.teacher_logprobs and inputs.teacher_logprobs is not None:
         lp = inputs.teacher_logprobs
         _first_bad("teacher_logprobs", mask & ~torch.isfinite(lp), lp, "are NaN or ±inf", fix)
-        _first_bad(
-            "teacher_logprobs", mask & (lp > POSITIVE_LOGPROB_TOLERANCE), lp, "are positive", fix
-        )
+        _first_bad("teacher_logprobs", mask & (lp > POSITIVE_LOGPROB_TOLERANCE), lp, "are positive", fix)
     if requirements.teacher_topk and inputs.teacher_topk_logprobs is not None:
         lp = inputs.teacher_topk_logprobs
         kmask = mask.unsqueeze(-1).expand_as(lp)
@@ -184,7 +182,10 @@ def validate_values(inputs: LossInputs, requirements: LossRequirements) -> None:
         )
         mass = lp.exp().sum(-1)
         _first_bad(
-            "teacher_topk_logprobs", mask & (mass > 1.0 + 1e-3), mass, "sum to a probability above 1",
+            "teacher_topk_logprobs",
+            mask & (mass > 1.0 + 1e-3),
+            mass,
+            "sum to a probability above 1",
             "Top-k ids must be distinct and their log-probs normalised over the full vocabulary.",
         )
 

@@ -124,7 +124,12 @@ def loss_from_logits(
 ) -> LossOutput:
     """``loss`` on a micro-batch, straight from vocab-parallel logits: ``(loss_sum, num_tokens, metrics)``."""
     inputs = student_loss_inputs(
-        logits, batch, loss.requirements, tp_group=tp_group, vocab_size=vocab_size,
-        chunk_size=chunk_size, validate=ctx.validate,
+        logits,
+        batch,
+        loss.requirements,
+        tp_group=tp_group,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        validate=ctx.validate,
     )
     return loss(inputs, ctx)

@@ -39,6 +39,7 @@ the logits' dtype) plus one chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -115,8 +116,8 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     """Autograd function behind :func:`vocab_parallel_logprobs` (rows already flattened)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         logits: Tensor,  # [N, V/TP]
         ids: Tensor,  # [N, K] global ids
         group: ProcessGroup | None,
@@ -186,17 +187,15 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         ctx.chunk_size = chunk_size if chunked else None
         ctx.logits_dtype, ctx.logits_shape = logits.dtype, logits.shape
         ctx.backward_done = False
-        if exp is not None:
-            probs_or_logits = exp.div_(sum_exp[:, None])  # the fp32 softmax, kept for backward
-        else:
-            probs_or_logits = logits  # the caller's tensor: saving it costs nothing
+        # Unchunked: keep the fp32 softmax for backward. Chunked: keep the caller's logits (free).
+        probs_or_logits = exp.div_(sum_exp[:, None]) if exp is not None else logits
         ctx.save_for_backward(ids, row_max + log_z, probs_or_logits, tail_logprobs, entropy)
         ctx.mark_non_differentiable(ids)
         return logprobs, tail_logprobs, entropy
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def backward(
+        ctx: Any,
         grad_logprobs: Tensor,  # [N, K]
         grad_tail: Tensor,  # [N], or empty when the tail was not requested
         grad_entropy: Tensor,  # [N], or empty when the entropy was not requested
@@ -388,7 +387,11 @@ def vocab_parallel_target_logprobs(
     with padded-vocabulary exclusion, optional chunking, and no in-place change of ``logits``.
     """
     out = vocab_parallel_logprobs(
-        logits, target.unsqueeze(-1), group=group, vocab_size=vocab_size, chunk_size=chunk_size,
+        logits,
+        target.unsqueeze(-1),
+        group=group,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
         mask=mask,
     )
     return out.logprobs.squeeze(-1)
@@ -436,8 +439,13 @@ def vocab_parallel_topk_forward_kl(
     from nemo_dcod.losses.divergences import topk_forward_kl
 
     out = vocab_parallel_logprobs(
-        logits, teacher_ids, group=group, vocab_size=vocab_size, with_tail=True,
-        chunk_size=chunk_size, mask=mask,
+        logits,
+        teacher_ids,
+        group=group,
+        vocab_size=vocab_size,
+        with_tail=True,
+        chunk_size=chunk_size,
+        mask=mask,
     )
     assert out.tail_logprobs is not None
     return topk_forward_kl(out.logprobs, out.tail_logprobs, teacher_logprobs)

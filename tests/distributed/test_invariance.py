@@ -38,7 +38,9 @@ def _global_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor
     gen = torch.Generator().manual_seed(99)
     features = torch.randn(ROWS, SEQ, HIDDEN, generator=gen, dtype=torch.float64)
     weight = torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64)
-    teacher = torch.log_softmax(2 * torch.randn(ROWS, SEQ, REAL_VOCAB, generator=gen, dtype=torch.float64), -1)
+    teacher = torch.log_softmax(
+        2 * torch.randn(ROWS, SEQ, REAL_VOCAB, generator=gen, dtype=torch.float64), -1
+    )
     labels = torch.randint(0, REAL_VOCAB, (ROWS, SEQ), generator=gen)
     topk = teacher.topk(K, dim=-1).indices
     mask = (torch.rand(ROWS, SEQ, generator=gen) > 0.25).double()
@@ -74,15 +76,20 @@ def accumulated_grad(
     shard = VOCAB // tp_size
     w = weight[tp_rank * shard : (tp_rank + 1) * shard].clone().requires_grad_()
     loss = build_loss(name, **params)
-    per_mb = [rows[i :: micro_batches] for i in range(micro_batches)]
+    per_mb = [rows[i::micro_batches] for i in range(micro_batches)]
     ctx = LossContext(step=3, total_steps=10, dp_group=dp_group)
     if precompute_stats and hasattr(loss, "weight_stats"):
         from nemo_dcod.parallel.signals import student_loss_inputs
 
         with torch.no_grad():  # the forward-only pre-pass over the step's micro-batches
             pre = [
-                student_loss_inputs(features[r] @ w.T, {k: v[r] for k, v in batch.items()},  # type: ignore[misc]
-                                    loss.requirements, tp_group=tp_group, vocab_size=REAL_VOCAB)
+                student_loss_inputs(
+                    features[r] @ w.T,
+                    {k: v[r] for k, v in batch.items()},  # type: ignore[misc]
+                    loss.requirements,
+                    tp_group=tp_group,
+                    vocab_size=REAL_VOCAB,
+                )
                 for r in per_mb
             ]
         ctx.stats = loss.weight_stats(pre, dp_group)  # type: ignore[attr-defined]
@@ -90,7 +97,12 @@ def accumulated_grad(
     for r in per_mb:
         mb = {k: v[r] for k, v in batch.items()}
         loss_sum, num_tokens, _ = loss_from_logits(
-            loss, features[r] @ w.T, mb, ctx, tp_group=tp_group, vocab_size=REAL_VOCAB  # type: ignore[arg-type]
+            loss,
+            features[r] @ w.T,
+            mb,
+            ctx,
+            tp_group=tp_group,
+            vocab_size=REAL_VOCAB,  # type: ignore[arg-type]
         )
         loss_sum.backward()
         tokens += num_tokens
@@ -122,7 +134,8 @@ def _tp_dp_worker(rank: int, world: int) -> list[torch.Tensor]:
 
 def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor], layout: str) -> None:
     for (name, params), g, w in zip(LOSSES, got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12, msg=lambda m: f"{layout} {name} {params}: {m}")
+        where = f"{layout} {name} {params}"
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12, msg=lambda m, where=where: f"{where}: {m}")
 
 
 def test_gradient_is_invariant_to_data_parallel_and_micro_batch_split() -> None:
@@ -136,7 +149,9 @@ def test_gradient_is_invariant_to_data_parallel_and_micro_batch_split() -> None:
     ranks = run_distributed(_tp_dp_worker, 4)
     for dp_rank in range(2):
         shards = [ranks[2 * dp_rank + t] for t in range(2)]
-        _assert_same([torch.cat([s[i] for s in shards]) for i in range(len(LOSSES))], reference, "TP=2 x DP=2 x 2")
+        _assert_same(
+            [torch.cat([s[i] for s in shards]) for i in range(len(LOSSES))], reference, "TP=2 x DP=2 x 2"
+        )
 
 
 def test_micro_batch_local_statistics_do_differ() -> None:

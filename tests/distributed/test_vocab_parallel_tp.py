@@ -50,8 +50,14 @@ def _shard_worker(rank: int, world: int) -> dict[str, Any]:
     for vocab_size, chunk in CASES:
         logits = data["logits"][..., rank * shard : (rank + 1) * shard].clone().requires_grad_()
         out = vocab_parallel_logprobs(
-            logits, data["ids"], group=group, vocab_size=vocab_size, with_tail=True, with_entropy=True,
-            tail_from=1, chunk_size=chunk,
+            logits,
+            data["ids"],
+            group=group,
+            vocab_size=vocab_size,
+            with_tail=True,
+            with_entropy=True,
+            tail_from=1,
+            chunk_size=chunk,
         )
         assert out.tail_logprobs is not None and out.entropy is not None
         _objective(out.logprobs, out.tail_logprobs, out.entropy, data["weights"]).backward()
@@ -68,10 +74,18 @@ def _shard_worker(rank: int, world: int) -> dict[str, Any]:
 
     # A whole loss through the NeMo-facing helper: batch-first [B, S, V/TP].
     for name, params in (("discord", {"base": "kl", "tau": 0.7}), ("todi", {})):
-        logits = data["logits"].transpose(0, 1)[..., rank * shard : (rank + 1) * shard].clone().requires_grad_()
+        logits = (
+            data["logits"].transpose(0, 1)[..., rank * shard : (rank + 1) * shard].clone().requires_grad_()
+        )
         batch = _batch(data)
         loss_sum, tokens, _ = loss_from_logits(
-            build_loss(name, **params), logits, batch, LossContext(), tp_group=group, vocab_size=17, chunk_size=3
+            build_loss(name, **params),
+            logits,
+            batch,
+            LossContext(),
+            tp_group=group,
+            vocab_size=17,
+            chunk_size=3,
         )
         (loss_sum / tokens).backward()
         results[f"loss/{name}"] = (loss_sum.detach(), logits.grad)
@@ -132,7 +146,7 @@ def test_ops_equal_unsharded_values_and_gradients(tp: int) -> None:
     tol = {"rtol": 1e-9, "atol": 1e-12}
     for vocab_size, chunk in CASES:
         ref = _reference(vocab_size)
-        for rank, res in enumerate(ranks):
+        for res in ranks:
             *values, _ = res[f"op/{vocab_size}/{chunk}"]
             for got, want in zip(values, ref["values"], strict=True):
                 torch.testing.assert_close(got.detach(), want, **tol)  # replicated on every rank

@@ -71,7 +71,14 @@ def reference_loss_sum(name: str, params: dict[str, Any], inputs: LossInputs, la
     lq, lp, mask = inputs.student_logprobs, inputs.teacher_logprobs, inputs.loss_mask.bool()
     total = torch.zeros((), dtype=torch.float64)
     if name == "discord":
-        p = {"variant": "token", "tau": 1.0, "center": False, "clip": 10.0, "window": 16, "base": "ce"} | params
+        p = {
+            "variant": "token",
+            "tau": 1.0,
+            "center": False,
+            "clip": 10.0,
+            "window": 16,
+            "base": "ce",
+        } | params
         p.pop("schedule", None)
         base = p.pop("base")
         w = discord_weights(lq.detach(), lp, mask, inputs.segment_ids, lam=lam, **p)
@@ -181,7 +188,9 @@ def test_bad_teacher_logprobs_on_loss_tokens_raise(bad: float) -> None:
     inputs.teacher_logprobs[1, 8] = bad
     problem = "are positive" if bad == 0.5 else "are NaN or ±inf"
     for name in ("discord", "iw_sft"):
-        with pytest.raises(ValueError, match=rf"teacher_logprobs: 2 value\(s\) {problem} .* first at index \(1, 7\)"):
+        with pytest.raises(
+            ValueError, match=rf"teacher_logprobs: 2 value\(s\) {problem} .* first at index \(1, 7\)"
+        ):
             build_loss(name)(inputs, LossContext())
 
 
@@ -208,7 +217,9 @@ def test_garbage_under_the_mask_contributes_exactly_zero(name: str) -> None:
     for field in ("teacher_logprobs", "student_tail_logprobs"):
         setattr(poisoned, field, torch.where(masked_pos, math.nan, getattr(poisoned, field)))
     poisoned.student_logprobs = torch.where(masked_pos, -math.inf, poisoned.student_logprobs)
-    poisoned.teacher_topk_logprobs = torch.where(masked_pos[..., None], math.inf, poisoned.teacher_topk_logprobs)
+    poisoned.teacher_topk_logprobs = torch.where(
+        masked_pos[..., None], math.inf, poisoned.teacher_topk_logprobs
+    )
     loss_sum = build_loss(name)(poisoned, LossContext())[0]
     (grad,) = torch.autograd.grad(loss_sum, leaf2)
     torch.testing.assert_close(loss_sum, clean)

@@ -33,7 +33,12 @@ def _inputs(seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Te
 def test_values_and_gradients_match_full_softmax(chunk_size, vocab_size, tail_from) -> None:
     logits, ids = _inputs()
     out = vocab_parallel_logprobs(
-        logits, ids, vocab_size=vocab_size, with_tail=True, with_entropy=True, tail_from=tail_from,
+        logits,
+        ids,
+        vocab_size=vocab_size,
+        with_tail=True,
+        with_entropy=True,
+        tail_from=tail_from,
         chunk_size=chunk_size,
     )
     ref_logits = logits.detach().clone().requires_grad_()
@@ -45,10 +50,15 @@ def test_values_and_gradients_match_full_softmax(chunk_size, vocab_size, tail_fr
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
     got_grad = torch.autograd.grad(
-        sum((w * t).sum() for w, t in zip(weights, (out.logprobs, out.tail_logprobs, out.entropy), strict=True)),
+        sum(
+            (w * t).sum()
+            for w, t in zip(weights, (out.logprobs, out.tail_logprobs, out.entropy), strict=True)
+        ),
         logits,
     )[0]
-    want_grad = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, ref, strict=True)), ref_logits)[0]
+    want_grad = torch.autograd.grad(
+        sum((w * t).sum() for w, t in zip(weights, ref, strict=True)), ref_logits
+    )[0]
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
     assert torch.all(got_grad[:, vocab_size:] == 0), "padded columns must get zero gradient"
 
@@ -58,14 +68,18 @@ def test_wrappers_match_references() -> None:
     lp = full_logprobs(logits.detach(), VOCAB)
     target = ids[:, 0]
     torch.testing.assert_close(
-        vocab_parallel_target_logprobs(logits, target), lp.gather(-1, target[:, None])[:, 0], rtol=1e-12, atol=0
+        vocab_parallel_target_logprobs(logits, target),
+        lp.gather(-1, target[:, None])[:, 0],
+        rtol=1e-12,
+        atol=0,
     )
     torch.testing.assert_close(vocab_parallel_entropy(logits), entropy(lp), rtol=1e-12, atol=1e-12)
     teacher_lp = torch.log_softmax(torch.randn(ROWS, VOCAB, dtype=torch.float64), -1).gather(-1, ids)
     kl = vocab_parallel_topk_forward_kl(logits, ids, teacher_lp)
     for r in range(ROWS):
         want = forward_kl_buckets(
-            teacher_lp[r].exp().tolist(), lp[r].gather(0, ids[r]).exp().tolist(),
+            teacher_lp[r].exp().tolist(),
+            lp[r].gather(0, ids[r]).exp().tolist(),
             float(tail_logprob(lp[r], ids[r]).exp()),
         )
         assert abs(float(kl[r]) - want) < 1e-12
@@ -150,7 +164,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
     bad = ids.clone()
     bad[4, 2] = VOCAB + 7
     bad[6, 0] = -1
-    with pytest.raises(ValueError, match=r"ids: 2 token id\(s\) outside the vocabulary \[0, 19\); first at index \(4, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"ids: 2 token id\(s\) outside the vocabulary \[0, 19\); first at index \(4, 2\)"
+    ):
         vocab_parallel_logprobs(logits, bad)
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 15\)"):
         vocab_parallel_logprobs(logits, torch.full_like(ids, 16), vocab_size=15)

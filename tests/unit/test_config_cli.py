@@ -1,0 +1,111 @@
+"""Configs (every YAML in conf/ loads and validates), config errors, and the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemo_dcod.cli import PENDING, main
+from nemo_dcod.config import ConfigError, DemoConfig, LossConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMAS = {"demo": DemoConfig}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("**/*.yaml")), ids=lambda p: p.name)
+def test_every_conf_yaml_starts_with_its_command_and_validates(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# nemo-dcod ") and f"--config conf/{path.relative_to(ROOT / 'conf')}" in first
+    stage = first.split()[2]
+    load_config(SCHEMAS[stage], path)
+
+
+def test_unknown_keys_and_bad_values_are_all_reported_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("# nemo-dcod demo --config bad.yaml\nsteps: 3\nstpes: 4\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(DemoConfig, cfg)
+    assert len(err.value.problems) == 2
+    assert "stpes: unknown key; valid keys here:" in str(err.value) and "learning_rate" in str(err.value)
+
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            DemoConfig,
+            None,
+            ["vocab_size=47", "losses=[{name: discord, tau: -1, lambda_max: 2}, {name: gkd}]", "lr=0"],
+        )
+    text = str(err.value)
+    assert len(err.value.problems) == 5, text
+    for needle in (
+        "vocab_size=47 is not divisible by tensor_model_parallel_size=2",
+        "losses[0].tau=-1.0: must be > 0",
+        "losses[0].lambda_max=2.0: must be in [0, 1]",
+        "losses[1].name='gkd': must be one of discord, sft, dft, iw_sft, kl, todi",
+        "lr=0.0: must be > 0",
+    ):
+        assert needle in text
+
+
+def test_overrides_and_types(tmp_path: Path) -> None:
+    cfg = load_config(DemoConfig, None, ["steps=7", "losses=[{name: iw_sft, iw_weight_max: 3}]"])
+    assert cfg.steps == 7 and cfg.losses == [LossConfig(name="iw_sft", iw_weight_max=3.0)]
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(DemoConfig, None, ["steps=many"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(DemoConfig, None, ["steps"])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(DemoConfig, tmp_path / "missing.yaml")
+
+
+def test_loss_config_builds_every_loss() -> None:
+    for name in ("discord", "sft", "dft", "iw_sft", "kl", "todi"):
+        assert callable(LossConfig(name=name).build())
+
+
+def test_cli_help_lists_stages_and_pending_stages_fail(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(stage in out for stage in ["demo", *PENDING])
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not implemented yet" in err[0]
+    assert main(["demo", "steps=-1"]) == 2
+    assert "steps=-1" in capsys.readouterr().err
+
+
+def test_demo_end_to_end_reduced(tmp_path: Path) -> None:
+    """The README's first command, shrunk: runs through the real CLI entry point in a subprocess."""
+    run_dir = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_dcod.cli",
+            "demo",
+            "--config",
+            str(ROOT / "conf/demo.yaml"),
+            f"run_dir={run_dir}",
+            "steps=6",
+            "warmup_steps=2",
+            "num_traces=64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["students"]) == {"0_sft", "1_discord"}
+    for label, result in summary["students"].items():
+        history = [json.loads(line) for line in (run_dir / label / "metrics.jsonl").read_text().splitlines()]
+        assert len(history) == 8 and history[-1] == result["final"]
+        assert result["first_loss_tp"] == pytest.approx(summary["first_loss_unsharded"], rel=1e-9)
+        assert f"{result['kl_teacher_student']:.4f}" in proc.stdout
+    assert (run_dir / "config.yaml").read_text().startswith("run_dir:")
