@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's test command: set up .venv (reused when current), lint, type-check, run the tests.
+#   bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+echo "== ruff" && .venv/bin/ruff check nemo_dcod tests bench && .venv/bin/ruff format --check nemo_dcod tests bench
+echo "== mypy" && .venv/bin/mypy
+echo "== pytest"
+.venv/bin/python -m pytest -ra "$@"
