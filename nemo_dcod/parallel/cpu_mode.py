@@ -337,7 +337,9 @@ def _patch_data_steps() -> None:
     original = MegatronParallel.wrapped_forward_step
 
     @functools.wraps(original)
-    def wrapped_forward_step(self: Any, forward_step: Any, loss_reduction: Any, data_step: Any, context: Any) -> Any:
+    def wrapped_forward_step(
+        self: Any, forward_step: Any, loss_reduction: Any, data_step: Any, context: Any
+    ) -> Any:
         inner = original(self, forward_step, loss_reduction, data_step, context)
 
         @functools.wraps(inner)
@@ -435,7 +437,9 @@ def clip_grad_by_total_norm_fp32(
         if grad is None:
             continue
         if grad.dtype not in allowed:
-            raise TypeError(f"clip_grad_by_total_norm_fp32: {attr} has dtype {grad.dtype}, expected {allowed}")
+            raise TypeError(
+                f"clip_grad_by_total_norm_fp32: {attr} has dtype {grad.dtype}, expected {allowed}"
+            )
         grads.append(to_local_if_dtensor(grad).detach())
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0:

@@ -99,7 +99,7 @@ def reference_loss_sum(name: str, params: dict[str, Any], inputs: LossInputs, la
             if name == "sft":
                 total = total - lq[b, t]
             elif name == "dft":
-                total = total - math.exp(float(lq[b, t])) * lq[b, t]
+                total = total - math.exp(float(lq[b, t].detach())) * lq[b, t]
             elif name == "iw_sft":
                 total = total - w[b, t] * lq[b, t]
             elif name == "kl":
