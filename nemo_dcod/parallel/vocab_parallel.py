@@ -154,7 +154,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                     buf.zero_()
             exp = None if chunked else torch.empty((num_rows, 0), dtype=cdtype, device=dev)
         for rows in _chunks(num_rows, chunk_size) if num_valid else []:
-            shifted = valid[rows].to(cdtype) - row_max[rows, None]  # a fresh buffer, always
+            shifted = _shifted(valid[rows], row_max[rows], cdtype)
             picked[rows] = torch.where(owned[rows], shifted.gather(1, local_ids[rows]), 0.0)
             if sum_exp_shift is None:
                 exp = shifted.exp_()
@@ -229,19 +229,37 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 
         if ctx.chunk_size is None:
             grad_valid = terms.apply(probs_or_logits, slice(None), num_valid)
-            if grad_valid.shape == ctx.logits_shape and grad_valid.dtype == ctx.logits_dtype:
-                return (grad_valid,) + (None,) * 8
-            grad = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=grad_valid.device)
+            if num_valid == ctx.logits_shape[1]:
+                return (grad_valid.to(ctx.logits_dtype),) + (None,) * 8
+            grad = _padded_grad(ctx.logits_shape, ctx.logits_dtype, num_valid, grad_valid.device)
             grad[:, :num_valid] = grad_valid
             return (grad,) + (None,) * 8
 
         logits = probs_or_logits
-        grad = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=logits.device)
+        grad = _padded_grad(ctx.logits_shape, ctx.logits_dtype, num_valid, logits.device)
         for rows in _chunks(lse.shape[0], ctx.chunk_size):
-            probs = (logits[rows, :num_valid].to(cdtype) - lse[rows, None]).exp_()
+            probs = _shifted(logits[rows, :num_valid], lse[rows], cdtype).exp_()
             grad[rows, :num_valid] = terms.apply(probs, rows, num_valid)
             del probs
         return (grad,) + (None,) * 8
+
+
+def _shifted(block: Tensor, shift: Tensor, cdtype: torch.dtype) -> Tensor:
+    """``block - shift[:, None]`` in ``cdtype``, in a fresh buffer, allocating it only once.
+
+    A lower-precision block is converted (a new buffer) and shifted in place; a block already in
+    ``cdtype`` is the caller's tensor, so the subtraction must not be in place.
+    """
+    if block.dtype == cdtype:
+        return block - shift[:, None]
+    return block.to(cdtype).sub_(shift[:, None])
+
+
+def _padded_grad(shape: torch.Size, dtype: torch.dtype, num_valid: int, device: torch.device) -> Tensor:
+    """An uninitialised gradient buffer whose padding columns (>= num_valid) alone are zeroed."""
+    grad = torch.empty(shape, dtype=dtype, device=device)
+    grad[:, num_valid:] = 0
+    return grad
 
 
 @dataclass
