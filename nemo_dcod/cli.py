@@ -21,7 +21,6 @@ from nemo_dcod.config import ConfigError, DemoConfig, load_config  # noqa: E402
 PENDING = {
     "prepare": "traces -> packed sample store",
     "score": "teacher log-probs (and top-k) into the store",
-    "train": "the student with DisCorD through the NeMo plug-in",
     "import": "a Hugging Face checkpoint -> NeMo 2",
     "export": "a trained checkpoint -> Hugging Face and NeMo 2",
     "eval": "math benchmarks on an exported model",
@@ -35,8 +34,17 @@ def _demo(config: str | None, overrides: Sequence[str]) -> int:
     return 0
 
 
+def _train(config: str | None, overrides: Sequence[str]) -> int:
+    from nemo_dcod.train.config import TrainConfig
+    from nemo_dcod.train.run import run_train
+
+    run_train(load_config(TrainConfig, config, overrides))
+    return 0
+
+
 STAGES: dict[str, tuple[str, Callable[[str | None, Sequence[str]], int]]] = {
     "demo": ("the embedded default: SFT vs DisCorD on a synthetic teacher, CPU, tensor-parallel", _demo),
+    "train": ("the student with DisCorD (or a baseline) through the NeMo plug-in", _train),
 }
 
 

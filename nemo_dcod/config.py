@@ -115,6 +115,10 @@ class LossConfig:
             out.append(f"{prefix}.chunk_size={self.chunk_size}: must be >= 1, or null for no chunking.")
         return out
 
+    def needs_topk(self) -> bool:
+        """Whether this loss reads the stored teacher top-k."""
+        return self.name in ("kl", "todi") or (self.name == "discord" and self.base == "kl")
+
     def build(self) -> TokenLoss:
         """The configured loss object."""
         if self.name == "discord":

@@ -42,6 +42,10 @@ The patches, each narrow (one library function or one module's view of ``torch``
    model-parallel grad-stats group, plus the data-parallel group for DTensor grads). The result is
    the same total norm and the same in-place scaling, so ``clip_grad > 0`` works on CPU.
 
+6. **Checkpoint load.** ``nemo.lightning.io.pl._fix_tensors_device`` asserts
+   ``torch.cuda.is_initialized()`` after every distributed-checkpoint load (to move tensors to the
+   current GPU). On CPU nothing is on a GPU: it is replaced by the identity in ``nemo.lightning.io.pl``.
+
 What this does not cover (not possible on CPU): Transformer Engine layer specs, bf16/FP8 mixed
 precision plugins, fused kernels (RoPE/bias/softmax fusions must be off), the distributed
 optimizer (``use_distributed_optimizer=False`` must be passed in the ``optim=`` given to the model
@@ -98,6 +102,15 @@ SHIMMED_MODULES: dict[str, str] = {
     "megatron.core.timers": "synchronize(), gather buffer on current_device()",
     # FP32Optimizer/ChainedOptimizer.get_loss_scale: `torch.tensor([1.0], device=current_device())`.
     "megatron.core.optimizer.optimizer": "loss-scale tensor on current_device()",
+    # Distributed checkpoint save (NeMo 2 checkpoints are Megatron dist checkpoints):
+    # FileSystemWriterAsync.preload_tensors calls torch.cuda.synchronize();
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize() before the write",
+    # save_state_dict_async_finalize / verify_global_md_reuse: flags on device='cuda' / current_device();
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "all-reduced flags on 'cuda'",
+    # FullyParallelSaveStrategyWrapper / load: torch.cuda.synchronize() around the exchange;
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": "synchronize()",
+    # AsyncCallsQueue / TemporalAsyncCaller (async save, NeMo's default): flags on current_device().
+    "megatron.core.dist_checkpointing.strategies.async_utils": "flags on current_device(), synchronize()",
     # MegatronParallel.forward: `torch.tensor(0.0, device=torch.cuda.current_device())` on non-last
     # pipeline stages; init_model_parallel: `with torch.cuda.stream(torch.cuda.Stream())`;
     # default_data_step: move_data_to_device(batch, torch.cuda.current_device());
@@ -110,6 +123,8 @@ SHIMMED_MODULES: dict[str, str] = {
     "nemo.lightning.pytorch.plugins.data_sampler": "pinned logging tensors sent to 'cuda'",
     # ModelCheckpoint: `torch.tensor(0.0, device=torch.cuda.current_device())` for a missing monitor.
     "nemo.lightning.pytorch.callbacks.model_checkpoint": "monitor placeholder on current_device()",
+    # PreemptionCallback.interrupted: the stop flag broadcast from rank 0 on current_device().
+    "nemo.lightning.pytorch.callbacks.preemption": "interrupted flag on current_device()",
 }
 
 _ENABLED = False
@@ -149,14 +164,14 @@ class HostTensor(torch.Tensor):
     including ``.cuda()`` / ``.to()``, returns an ordinary :class:`torch.Tensor`.
     """
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     def cuda(self, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         """Return the tensor itself, as a plain CPU tensor (no copy)."""
         del device, non_blocking, kwargs
         return self.as_subclass(torch.Tensor)
 
-    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Like :meth:`torch.Tensor.to`, with any CUDA device replaced by the CPU."""
         args = tuple(_cpu_if_cuda(a) if isinstance(a, str | torch.device) else a for a in args)
         if "device" in kwargs:
@@ -164,7 +179,7 @@ class HostTensor(torch.Tensor):
         kwargs.pop("non_blocking", None)
         return torch.Tensor.to(self.as_subclass(torch.Tensor), *args, **kwargs)
 
-    def cpu(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+    def cpu(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Return the tensor itself, as a plain tensor."""
         del args, kwargs
         return self.as_subclass(torch.Tensor)
@@ -287,7 +302,7 @@ def _shim_modules() -> None:
         module = importlib.import_module(name)
         if getattr(module, "torch", None) is not torch:
             raise RuntimeError(f"cpu_mode: {name} does not import torch as `torch`; the shim would not apply")
-        module.torch = proxy  # type: ignore[attr-defined]
+        setattr(module, "torch", proxy)  # noqa: B010 (a module global, set from outside)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +367,7 @@ def _patch_data_steps() -> None:
 
         return forward_step_func
 
-    MegatronParallel.wrapped_forward_step = wrapped_forward_step  # type: ignore[method-assign]
+    MegatronParallel.wrapped_forward_step = wrapped_forward_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +521,15 @@ def _patch_clip_grads() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _patch_checkpoint_load() -> None:
+    from nemo.lightning.io import pl as nemo_pl
+
+    def keep_on_cpu(ckpt: dict[str, Any]) -> dict[str, Any]:
+        return ckpt
+
+    nemo_pl._fix_tensors_device = keep_on_cpu
+
+
 def enable_cpu_mode() -> bool:
     """Patch NeMo 2.7.3 + megatron-core 0.15.3 so that Megatron training runs on CPU over gloo.
 
@@ -524,6 +548,7 @@ def enable_cpu_mode() -> bool:
     _patch_rng()
     _patch_data_steps()
     _patch_clip_grads()
+    _patch_checkpoint_load()
     _ENABLED = True
     _LOG.info("nemo_dcod CPU mode enabled: %d modules see a CPU torch.cuda", len(SHIMMED_MODULES))
     return True

@@ -71,8 +71,8 @@ def test_cli_help_lists_stages_and_pending_stages_fail(capsys: pytest.CaptureFix
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert all(stage in out for stage in ["demo", *PENDING])
-    assert main(["train"]) == 2
+    assert all(stage in out for stage in ["demo", "train", *PENDING])
+    assert main(["prepare"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not implemented yet" in err[0]
     assert main(["demo", "steps=-1"]) == 2

@@ -30,8 +30,12 @@ def test_one_pass_gives_target_topk_and_tail() -> None:
     logits, batch = _batch()
     inputs = student_loss_inputs(logits, batch, LossRequirements(teacher_logprobs=True, teacher_topk=True))
     lq = torch.log_softmax(logits.detach(), -1)
-    torch.testing.assert_close(inputs.student_logprobs.detach(), lq.gather(-1, batch["labels"][..., None])[..., 0])
-    torch.testing.assert_close(inputs.student_topk_logprobs.detach(), lq.gather(-1, batch["teacher_topk_ids"]))
+    torch.testing.assert_close(
+        inputs.student_logprobs.detach(), lq.gather(-1, batch["labels"][..., None])[..., 0]
+    )
+    torch.testing.assert_close(
+        inputs.student_topk_logprobs.detach(), lq.gather(-1, batch["teacher_topk_ids"])
+    )
     tail = torch.log1p(-lq.gather(-1, batch["teacher_topk_ids"]).exp().sum(-1))
     torch.testing.assert_close(inputs.student_tail_logprobs.detach(), tail)
 
@@ -40,12 +44,16 @@ def test_topk_ids_out_of_range_or_repeated_are_errors() -> None:
     logits, batch = _batch()
     batch["teacher_topk_ids"] = batch["teacher_topk_ids"].clone()
     batch["teacher_topk_ids"][1, 3, 2] = V + 4
-    with pytest.raises(ValueError, match=r"1 token id\(s\) outside the vocabulary \[0, 11\); first at index \(1, 3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"1 token id\(s\) outside the vocabulary \[0, 11\); first at index \(1, 3, 3\)"
+    ):
         loss_from_logits(build_loss("kl"), logits, batch, LossContext())  # type: ignore[arg-type]
     logits, batch = _batch()
     batch["teacher_topk_ids"] = batch["teacher_topk_ids"].clone()
     batch["teacher_topk_ids"][0, 1, 1] = batch["teacher_topk_ids"][0, 1, 0]
-    with pytest.raises(ValueError, match=r"teacher_topk_ids: 1 token\(s\) have repeated ids .* first at \(0, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"teacher_topk_ids: 1 token\(s\) have repeated ids .* first at \(0, 1\)"
+    ):
         loss_from_logits(build_loss("todi"), logits, batch, LossContext())  # type: ignore[arg-type]
 
 

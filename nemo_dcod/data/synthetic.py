@@ -1,0 +1,151 @@
+"""A synthetic trace source in the final batch format, for tests, benchmarks and smoke runs.
+
+The teacher is a random Markov chain over ``vocab_size`` tokens whose transition probabilities are
+known exactly, so every field ``score`` writes for a real teacher is exact here: the trace token's
+log-prob and the top-k (ids, log-probs). Sample ``i`` depends only on ``(seed, i)``: any rank, any
+data-parallel layout and a resumed run see the same data.
+
+Batch fields (per sample, collated to ``[B, S]`` / ``[B, S, K]``), as the packed store will give them:
+``tokens``, ``labels`` (next tokens), ``position_ids``, ``loss_mask`` (0 on the prompt),
+``segment_ids`` (one document per row), ``teacher_logprobs``, ``teacher_topk_ids``,
+``teacher_topk_logprobs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from nemo.lightning import io
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["SyntheticTraceDataModule", "SyntheticTraces"]
+
+
+class SyntheticTraces(Dataset[dict[str, torch.Tensor]]):
+    """Traces of a random Markov teacher with exact per-token log-probs and top-k.
+
+    Args:
+        vocab_size: tokens of the teacher chain (the tokenizer's real size).
+        seq_length: tokens per sample.
+        num_samples: length of the dataset.
+        topk: teacher top-k stored per token (0: none).
+        prompt_tokens: leading tokens with loss mask 0.
+        seed: the teacher chain and the samples.
+        sharpness: scale of the random transition logits (larger: more deterministic teacher).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_length: int,
+        num_samples: int,
+        topk: int = 4,
+        prompt_tokens: int = 4,
+        seed: int = 0,
+        sharpness: float = 2.5,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        logits = sharpness * torch.randn(vocab_size, vocab_size, generator=gen)
+        self.transitions = torch.log_softmax(logits.double(), dim=-1).float()  # [V, V]
+        self.vocab_size = vocab_size
+        self.seq_length = seq_length
+        self.num_samples = num_samples
+        self.topk = topk
+        self.prompt_tokens = min(prompt_tokens, seq_length - 1)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * int(index) + 1)
+        chain = torch.empty(self.seq_length + 1, dtype=torch.long)
+        chain[0] = int(torch.randint(0, self.vocab_size, (1,), generator=gen))
+        for t in range(self.seq_length):
+            chain[t + 1] = int(torch.multinomial(self.transitions[chain[t]].exp(), 1, generator=gen))
+        tokens, labels = chain[:-1], chain[1:]
+        rows = self.transitions[tokens]  # [S, V]
+        loss_mask = torch.ones(self.seq_length, dtype=torch.float32)
+        loss_mask[: self.prompt_tokens] = 0.0
+        sample = {
+            "tokens": tokens,
+            "labels": labels,
+            "position_ids": torch.arange(self.seq_length, dtype=torch.long),
+            "loss_mask": loss_mask,
+            "segment_ids": torch.zeros(self.seq_length, dtype=torch.long),
+            "teacher_logprobs": rows.gather(-1, labels[:, None])[:, 0],
+        }
+        if self.topk:
+            top = rows.topk(self.topk, dim=-1)
+            sample["teacher_topk_ids"] = top.indices
+            sample["teacher_topk_logprobs"] = top.values
+        return sample
+
+
+class SyntheticTraceDataModule(pl.LightningDataModule, io.IOMixin):
+    """Lightning data module over :class:`SyntheticTraces`, batched by NeMo's Megatron sampler.
+
+    ``MegatronDataSampler`` sets the micro/global batch sizes, splits each global batch over the
+    data-parallel ranks and, with :meth:`state_dict`, makes the position part of the checkpoint, as
+    NeMo's own pre-training data module does.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_length: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+        num_train_samples: int,
+        num_val_samples: int = 0,
+        topk: int = 4,
+        seed: int = 0,
+    ) -> None:
+        from nemo.lightning.pytorch.plugins import MegatronDataSampler
+
+        super().__init__()
+        self.train_ds = SyntheticTraces(vocab_size, seq_length, num_train_samples, topk=topk, seed=seed)
+        self.val_ds = SyntheticTraces(
+            vocab_size, seq_length, max(num_val_samples, 1), topk=topk, seed=seed + 1
+        )
+        self.data_sampler = MegatronDataSampler(
+            seq_len=seq_length, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size
+        )
+        self.init_global_step = 0
+        # Read by NeMo (llm.train's telemetry config, the strategy's batch-size checks).
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+
+    def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
+        """Samples in index order; the Megatron sampler batches and shards them.
+
+        Called after a checkpoint is restored: the step it resumes at is where the consumed-samples
+        count restarts from (as in NeMo's pre-training data module).
+        """
+        assert self.trainer is not None  # Lightning attaches it before asking for dataloaders
+        self.init_global_step = self.trainer.global_step
+        self.data_sampler.init_global_step = self.init_global_step
+        return DataLoader(self.train_ds, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
+        """The validation traces (a different seed)."""
+        return DataLoader(self.val_ds, num_workers=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The number of samples consumed so far, saved in the checkpoint."""
+        assert self.trainer is not None
+        steps = self.trainer.global_step - self.init_global_step
+        return {"consumed_samples": self.data_sampler.compute_consumed_samples(steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the sampler at the checkpoint's consumed-samples count."""
+        from megatron.core.num_microbatches_calculator import update_num_microbatches
+
+        consumed = int(state_dict["consumed_samples"])
+        self.data_sampler.init_consumed_samples = consumed
+        self.data_sampler.prev_consumed_samples = consumed
+        update_num_microbatches(consumed_samples=consumed, consistency_check=False)
+        self.data_sampler.if_first_step = 1

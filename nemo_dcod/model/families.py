@@ -1,0 +1,149 @@
+"""Student model families from NeMo's own configs: Llama 3.x, Qwen2.5, Qwen3, and a tiny size of each.
+
+A family + size names one of NeMo's ``GPTConfig`` subclasses (``Llama31Config8B``, ``Qwen3Config8B``,
+...), so architecture details (GQA, RoPE base and Llama 3.1's RoPE scaling, QKV bias, QK-norm,
+tied embeddings) are NeMo's, not ours. The ``tiny`` size keeps the family's architecture at a few
+thousand parameters per layer for tests and the CPU demo.
+
+:func:`build_gpt_config` then applies what the plug-in needs on top:
+
+* our data and forward steps (teacher fields to the last stage, logits out);
+* ``calculate_per_token_loss=True``: the loss is the mean over the global token count;
+* the layer spec: Transformer Engine's on a GPU with TE installed, otherwise Megatron's local
+  spec with every fused kernel off (the fusions are TE/CUDA-only);
+* parallel sizes and precision copied from the training config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from nemo_dcod.model.steps import logits_forward_step, trace_data_step
+
+__all__ = ["FAMILIES", "TINY", "build_gpt_config", "family_config_class", "have_transformer_engine"]
+
+# family -> size -> NeMo config class name (in nemo.collections.llm).
+FAMILIES: dict[str, dict[str, str]] = {
+    "llama3.1": {"tiny": "Llama31Config8B", "8b": "Llama31Config8B", "70b": "Llama31Config70B"},
+    "llama3.2": {"tiny": "Llama32Config1B", "1b": "Llama32Config1B", "3b": "Llama32Config3B"},
+    "llama3.3": {"tiny": "Llama31Config70B", "70b": "Llama31Config70B"},
+    "qwen2.5": {
+        "tiny": "Qwen25Config500M",
+        "0.5b": "Qwen25Config500M",
+        "1.5b": "Qwen25Config1P5B",
+        "7b": "Qwen25Config7B",
+        "14b": "Qwen25Config14B",
+        "32b": "Qwen25Config32B",
+        "72b": "Qwen25Config72B",
+    },
+    "qwen3": {
+        "tiny": "Qwen3Config600M",
+        "0.6b": "Qwen3Config600M",
+        "1.7b": "Qwen3Config1P7B",
+        "4b": "Qwen3Config4B",
+        "8b": "Qwen3Config8B",
+        "14b": "Qwen3Config14B",
+        "32b": "Qwen3Config32B",
+    },
+}
+
+# The tiny size: the family's architecture (norms, biases, GQA, RoPE, QK-norm) at toy width.
+TINY: dict[str, Any] = {
+    "num_layers": 4,
+    "hidden_size": 64,
+    "ffn_hidden_size": 128,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "kv_channels": 16,
+    "seq_length": 64,
+}
+
+_FUSIONS = (
+    "apply_rope_fusion",
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "persist_layer_norm",
+    "gradient_accumulation_fusion",
+    "cross_entropy_loss_fusion",
+)
+
+
+def have_transformer_engine() -> bool:
+    """Transformer Engine importable *and* a GPU present (TE raises on import without CUDA)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE raises RuntimeError, not ImportError, when cuDNN/CUDA are missing
+        return False
+    return True
+
+
+def family_config_class(family: str, size: str) -> type:
+    """NeMo's config class for ``family`` at ``size``.
+
+    Raises:
+        ValueError: unknown family or size, listing the valid ones.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"model.family={family!r}: must be one of {', '.join(FAMILIES)}.")
+    if size not in FAMILIES[family]:
+        raise ValueError(f"model.size={size!r}: {family} has sizes {', '.join(FAMILIES[family])}.")
+    from nemo.collections import llm
+
+    cls: type = getattr(llm, FAMILIES[family][size])
+    return cls
+
+
+def build_gpt_config(
+    family: str,
+    size: str,
+    *,
+    padded_vocab_size: int,
+    seq_length: int,
+    parallel: dict[str, Any],
+    precision: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    use_te: bool | None = None,
+) -> Any:
+    """The NeMo ``GPTConfig`` of a student, with the plug-in's steps and per-token loss.
+
+    Args:
+        family, size: see :data:`FAMILIES`.
+        padded_vocab_size: rows of the embedding / output layer (tokenizer size rounded up so that
+            every tensor-parallel rank holds an equal shard); the loss excludes the padding.
+        seq_length: tokens per sample.
+        parallel: ``TransformerConfig`` parallel fields (``tensor_model_parallel_size``, ...).
+        precision: ``TransformerConfig`` dtype / FP8 fields (``bf16``, ``params_dtype``, ``fp8``, ...).
+        overrides: any other ``GPTConfig`` field (e.g. ``num_layers``).
+        use_te: Transformer Engine layer spec; ``None``: when TE and a GPU are present.
+    """
+    from nemo.collections.llm.gpt.model.base import local_layer_spec, transformer_engine_layer_spec
+
+    cls = family_config_class(family, size)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = dict(TINY) if size == "tiny" else {}
+    values.update(overrides or {})
+    values.update(parallel)
+    values.update(precision)
+    te = have_transformer_engine() if use_te is None else use_te
+    if not te:
+        values.update({name: False for name in _FUSIONS if name in fields})
+    values.update(
+        vocab_size=padded_vocab_size,
+        seq_length=seq_length,
+        calculate_per_token_loss=True,
+        forward_step_fn=logits_forward_step,
+        data_step_fn=trace_data_step,
+        transformer_layer_spec=transformer_engine_layer_spec if te else local_layer_spec,
+    )
+    if not torch.cuda.is_available():
+        values["use_cpu_initialization"] = True
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"model overrides {unknown} are not fields of {cls.__name__}.")
+    return cls(**values)

@@ -1,0 +1,1 @@
+"""The ``train`` stage: config schema, NeMo trainer assembly, metrics, checkpoint choice."""

@@ -1,0 +1,160 @@
+"""What a run shows and records: ``metrics.jsonl``, TensorBoard scalars and a progress line with ETA.
+
+The loss and the DisCorD diagnostics exist on the last pipeline stage only (that is where the loss
+reduction runs); every step they are sent to the first stage of the same pipeline with one
+``broadcast_object_list`` over the pipeline group, so global rank 0 (first stage, data-parallel rank
+0, tensor-parallel rank 0) writes them. The loss and diagnostics are already reduced over
+data-parallel ranks by :class:`~nemo_dcod.model.reduction.DistillLossReduction`.
+
+One JSON object per optimizer step in ``<run_dir>/metrics.jsonl``: ``step`` (1-based, the number of
+optimizer steps done), ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` (sequence tokens processed
+per second over all ranks), ``elapsed_s`` and the diagnostics (``ess``, ``clip_fraction``,
+``delta_mean``, ``delta_std``, ``weight_mean``, ``g_mean``, ``lambda``, ``weight_hist``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from nemo.lightning import io
+
+__all__ = ["MetricsCallback", "PreemptOnSigterm", "PreemptOnSigusr1"]
+
+
+def _last_stage_payload(pl_module: Any) -> dict[str, Any] | None:
+    reduction = getattr(pl_module, "_training_loss_reduction", None)
+    if reduction is None or getattr(reduction, "last_loss", None) is None:
+        return None
+    payload: dict[str, Any] = {"loss": reduction.last_loss, **reduction.last_metrics}
+    hist = getattr(reduction, "last_weight_hist", None)
+    if hist is not None:
+        payload["weight_hist"] = [int(x) for x in hist.tolist()]
+    return payload
+
+
+def _from_last_stage(payload: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The last pipeline stage's payload on every rank of this pipeline (None elsewhere: no PP group)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return payload
+    group = parallel_state.get_pipeline_model_parallel_group()
+    src = parallel_state.get_pipeline_model_parallel_last_rank()
+    box = [payload]
+    torch.distributed.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+class MetricsCallback(pl.Callback, io.IOMixin):
+    """Writes ``metrics.jsonl`` and TensorBoard scalars on rank 0 and prints progress with ETA.
+
+    An ``IOMixin``: NeMo records it in a checkpoint's context by its arguments, not by pickling.
+
+    Args:
+        run_dir: the run directory.
+        tokens_per_step: sequence tokens in one global batch (global_batch_size x seq_length).
+        max_steps: for the ETA.
+        log_every_n_steps: progress-line and TensorBoard interval.
+        config_yaml: the resolved config, written to ``<run_dir>/config.yaml`` by rank 0.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tokens_per_step: int,
+        max_steps: int,
+        log_every_n_steps: int = 1,
+        config_yaml: str | None = None,
+    ):
+        super().__init__()
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.config_yaml = config_yaml
+        self.tokens_per_step = tokens_per_step
+        self.max_steps = max_steps
+        self.log_every = max(log_every_n_steps, 1)
+        self._start = 0.0
+        self._last = 0.0
+        self._first_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the clocks (after a resume, the ETA counts the remaining steps only)."""
+        self._start = self._last = time.perf_counter()
+        self._first_step = trainer.global_step
+        # Written here, not before: NeMoLogger moves files it finds in an existing run dir to run_<n>/.
+        if trainer.global_rank == 0 and self.config_yaml is not None:
+            (self.path.parent / "config.yaml").write_text(self.config_yaml)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Collect this step's figures on rank 0, append them to metrics.jsonl, log, print."""
+        del outputs, batch, batch_idx
+        now = time.perf_counter()
+        step_time, self._last = now - self._last, now
+        payload = _from_last_stage(_last_stage_payload(pl_module))
+        if trainer.global_rank != 0:
+            return
+        step = int(trainer.global_step)
+        record: dict[str, Any] = {"step": step}
+        record.update(payload or {})
+        record["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
+        grad_norm = trainer.callback_metrics.get("grad_norm")
+        record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+        record["tokens_per_s"] = self.tokens_per_step / step_time if step_time > 0 else None
+        record["elapsed_s"] = now - self._start
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {f"train/{k}": v for k, v in record.items() if isinstance(v, float) and math.isfinite(v)}
+        if trainer.logger is not None and step % self.log_every == 0:
+            trainer.logger.log_metrics(scalars, step=step)
+        if step % self.log_every == 0 or step == self.max_steps:
+            self._print(record, now)
+
+    def _print(self, record: dict[str, Any], now: float) -> None:
+        step = record["step"]
+        done = step - self._first_step
+        remaining = max(self.max_steps - step, 0)
+        eta = (now - self._start) / done * remaining if done > 0 else float("nan")
+        parts = [f"step {step}/{self.max_steps}"]
+        for key, fmt in (("loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f"), ("ess", ".3f")):
+            if record.get(key) is not None:
+                parts.append(f"{key} {record[key]:{fmt}}")
+        if record.get("tokens_per_s"):
+            parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        if math.isfinite(eta):
+            parts.append(f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+
+def _preemption_base() -> type:
+    from nemo.lightning.pytorch.callbacks import PreemptionCallback
+
+    base: type = PreemptionCallback
+    return base
+
+
+class PreemptOnSigterm(_preemption_base()):  # type: ignore[misc]
+    """NeMo's ``PreemptionCallback`` on SIGTERM: checkpoint at the end of the step, then exit 0.
+
+    A subclass without arguments because NeMo 2.7.3's context loader takes a recorded object
+    with exactly one argument (``sig``) for a pickle-file reference and fails to restore it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sig=signal.SIGTERM)
+
+
+class PreemptOnSigusr1(_preemption_base()):  # type: ignore[misc]
+    """The same on SIGUSR1 (Slurm's ``--signal=USR1@<seconds>`` before the time limit)."""
+
+    def __init__(self) -> None:
+        super().__init__(sig=signal.SIGUSR1)

@@ -1,0 +1,390 @@
+"""The ``train`` stage's schema: one dataclass per section, every field with its docstring.
+
+    cfg = load_config(TrainConfig, "conf/train_tiny.yaml", ["parallel.tensor_model_parallel_size=2"])
+
+:meth:`TrainConfig.problems` checks everything that can be known before a model is built (sizes
+that divide, pipeline stages vs layers, precision vs hardware, loss hyper-parameters) and returns
+all problems at once; :func:`~nemo_dcod.config.load_config` raises them together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from nemo_dcod.config import LossConfig, choice_problems
+
+__all__ = [
+    "DataSection",
+    "ModelSection",
+    "OptimSection",
+    "ParallelSection",
+    "PrecisionSection",
+    "TrainConfig",
+    "TrainerSection",
+    "padded_vocab_size",
+]
+
+# Must match nemo_dcod.model.families.FAMILIES (kept import-free here: validating a config must
+# not import NeMo).
+FAMILY_SIZES: dict[str, tuple[str, ...]] = {
+    "llama3.1": ("tiny", "8b", "70b"),
+    "llama3.2": ("tiny", "1b", "3b"),
+    "llama3.3": ("tiny", "70b"),
+    "qwen2.5": ("tiny", "0.5b", "1.5b", "7b", "14b", "32b", "72b"),
+    "qwen3": ("tiny", "0.6b", "1.7b", "4b", "8b", "14b", "32b"),
+}
+
+# (num_layers, num_attention_heads, num_query_groups) of each named size, for the checks below.
+_SHAPES: dict[str, tuple[int, int, int]] = {
+    "llama3.1-8b": (32, 32, 8),
+    "llama3.1-70b": (80, 64, 8),
+    "llama3.2-1b": (16, 32, 8),
+    "llama3.2-3b": (28, 24, 8),
+    "llama3.3-70b": (80, 64, 8),
+    "qwen2.5-0.5b": (24, 14, 2),
+    "qwen2.5-1.5b": (28, 12, 2),
+    "qwen2.5-7b": (28, 28, 4),
+    "qwen2.5-14b": (48, 40, 8),
+    "qwen2.5-32b": (64, 40, 8),
+    "qwen2.5-72b": (80, 64, 8),
+    "qwen3-0.6b": (28, 16, 8),
+    "qwen3-1.7b": (28, 16, 8),
+    "qwen3-4b": (36, 32, 8),
+    "qwen3-8b": (36, 32, 8),
+    "qwen3-14b": (40, 40, 8),
+    "qwen3-32b": (64, 64, 8),
+}
+_TINY_SHAPE = (4, 4, 2)
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
+    """Megatron's padding rule: a multiple of ``divisible_by * TP`` so that every shard is equal."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+@dataclass
+class ModelSection:
+    """The student."""
+
+    family: str = field(default="llama3.1", metadata={"choices": tuple(FAMILY_SIZES)})
+    """Architecture family, from NeMo's configs: llama3.1 | llama3.2 | llama3.3 | qwen2.5 | qwen3."""
+    size: str = "tiny"
+    """A size of the family (e.g. 8b, 70b) or `tiny` (4 layers, width 64) for tests and the demo."""
+    init_from: str | None = None
+    """A NeMo 2 checkpoint to start from (e.g. made by `nemo-dcod import`); null: random init."""
+    num_layers: int | None = None
+    """Override the family's layer count (tiny sizes and tests)."""
+    hidden_size: int | None = None
+    """Override the hidden size."""
+    ffn_hidden_size: int | None = None
+    """Override the MLP width."""
+    spec: str = field(default="auto", metadata={"choices": ("auto", "local", "te")})
+    """Layer implementation: te (Transformer Engine, GPU), local (megatron-core), auto (te when usable)."""
+
+    def shape(self) -> tuple[int, int, int]:
+        """(num_layers, num_attention_heads, num_query_groups) after overrides."""
+        layers, heads, groups = _SHAPES.get(f"{self.family}-{self.size}", _TINY_SHAPE)
+        return (self.num_layers or layers, heads, groups)
+
+    def overrides(self) -> dict[str, Any]:
+        """The non-null overrides as ``GPTConfig`` fields."""
+        names = ("num_layers", "hidden_size", "ffn_hidden_size")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass
+class ParallelSection:
+    """Megatron parallel layout (names as in megatron-core's ``TransformerConfig``)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: ranks each layer's weights (and the vocabulary) are split over."""
+    pipeline_model_parallel_size: int = 1
+    """PP: pipeline stages; must divide the layer count."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Interleaved schedule: model chunks per pipeline stage (needs PP > 1)."""
+    context_parallel_size: int = 1
+    """CP: ranks a sequence is split over (token-level DisCorD variant only)."""
+    sequence_parallel: bool = False
+    """Split activations along the sequence within the TP group (needs TP > 1)."""
+    use_distributed_optimizer: bool | None = None
+    """Shard optimizer state over data-parallel ranks; null: on with a GPU, off on CPU (unsupported there)."""
+
+
+@dataclass
+class PrecisionSection:
+    """Numerics. bf16 and FP8 need a GPU; FP8 needs Transformer Engine."""
+
+    dtype: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
+    """Parameter/activation precision (bf16 keeps fp32 master weights in the optimizer)."""
+    fp8: str | None = field(default=None, metadata={"choices": (None, "e4m3", "hybrid")})
+    """FP8 format through Transformer Engine; null: off."""
+    fp8_recipe: str = field(
+        default="delayed", metadata={"choices": ("delayed", "tensorwise", "mxfp8", "blockwise")}
+    )
+    """Transformer Engine FP8 scaling recipe."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: amax history length."""
+    fp8_amax_compute_algo: str = field(default="max", metadata={"choices": ("max", "most_recent")})
+    """Delayed scaling: how the scale is computed from the history."""
+    first_last_layers_bf16: bool = True
+    """Keep the first/last transformer layers in bf16 under FP8."""
+    num_layers_at_start_in_bf16: int = 1
+    """With first_last_layers_bf16: leading layers kept in bf16."""
+    num_layers_at_end_in_bf16: int = 1
+    """With first_last_layers_bf16: trailing layers kept in bf16."""
+
+
+@dataclass
+class OptimSection:
+    """Megatron's Adam with warm-up + cosine decay."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Final learning rate of the cosine decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping; 0: off."""
+    adam_beta1: float = 0.9
+    """Adam β1."""
+    adam_beta2: float = 0.95
+    """Adam β2."""
+    adam_eps: float = 1e-8
+    """Adam ε."""
+
+
+@dataclass
+class DataSection:
+    """Where batches come from. `synthetic` until the packed store lands (`nemo-dcod prepare`)."""
+
+    source: str = field(default="synthetic", metadata={"choices": ("synthetic",)})
+    """synthetic: a Markov teacher with exact log-probs and top-k, in the final batch format."""
+    vocab_size: int = 1000
+    """The tokenizer's real vocabulary size (the model pads it; the loss excludes the padding)."""
+    seq_length: int = 64
+    """Tokens per sample."""
+    num_train_samples: int | None = None
+    """Training samples; null: max_steps x global_batch_size."""
+    num_val_samples: int = 16
+    """Validation samples."""
+    topk: int = 4
+    """Teacher top-k stored per token (needed by the kl/todi losses and DisCorD's kl base)."""
+    seed: int = 0
+    """Seed of the synthetic teacher and its samples."""
+
+
+@dataclass
+class TrainerSection:
+    """The training loop, batch sizes, validation and checkpoints."""
+
+    max_steps: int = 20
+    """Optimizer steps."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int = 2
+    """Samples per forward pass on one rank."""
+    devices: int = 1
+    """Processes per node (one per GPU; on CPU, gloo processes)."""
+    num_nodes: int = 1
+    """Nodes."""
+    val_check_interval: int = 0
+    """Validate every this many steps; 0: never."""
+    limit_val_batches: int = 2
+    """Validation batches per validation."""
+    log_every_n_steps: int = 1
+    """Progress line and TensorBoard interval (metrics.jsonl gets every step)."""
+    ckpt_every_n_steps: int = 10
+    """Save a NeMo 2 checkpoint every this many steps (and at the end)."""
+    save_top_k: int = 2
+    """Checkpoints kept (newest first); -1: all."""
+    async_save: bool = False
+    """Write checkpoints in a background process (GPU runs)."""
+
+
+@dataclass
+class TrainConfig:
+    """``nemo-dcod train``: the student with DisCorD (or a baseline) through the NeMo plug-in."""
+
+    run_dir: str = "runs/train"
+    """Everything of the run: config.yaml, metrics.jsonl, TensorBoard events, checkpoints."""
+    seed: int = 1234
+    """Seed of initialisation and dropout (Megatron adds 100 x pipeline rank)."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in run_dir when there is one."""
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the job."""
+        return self.trainer.devices * self.trainer.num_nodes
+
+    @property
+    def model_parallel_size(self) -> int:
+        """TP x PP x CP: the ranks that hold one replica."""
+        p = self.parallel
+        return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Replicas (world size / model-parallel size)."""
+        return max(self.world_size // max(self.model_parallel_size, 1), 1)
+
+    def problems(self, has_gpu: bool | None = None) -> list[str]:
+        """Every problem of this config, each naming the fields that clash and how to fix them."""
+        if has_gpu is None:
+            import torch
+
+            has_gpu = torch.cuda.is_available()
+        out: list[str] = []
+        for prefix, section in (
+            ("model", self.model),
+            ("precision", self.precision),
+            ("data", self.data),
+        ):
+            out.extend(choice_problems(section, prefix))
+        out.extend(self.loss.problems("loss"))
+        out.extend(self._size_problems())
+        out.extend(self._layout_problems())
+        out.extend(self._hardware_problems(has_gpu))
+        return out
+
+    def _size_problems(self) -> list[str]:
+        out = []
+        sizes = FAMILY_SIZES.get(self.model.family, ())
+        if sizes and self.model.size not in sizes:
+            out.append(f"model.size={self.model.size!r}: {self.model.family} has sizes {', '.join(sizes)}.")
+        positive = {
+            "parallel.tensor_model_parallel_size": self.parallel.tensor_model_parallel_size,
+            "parallel.pipeline_model_parallel_size": self.parallel.pipeline_model_parallel_size,
+            "parallel.context_parallel_size": self.parallel.context_parallel_size,
+            "trainer.devices": self.trainer.devices,
+            "trainer.num_nodes": self.trainer.num_nodes,
+            "trainer.max_steps": self.trainer.max_steps,
+            "trainer.global_batch_size": self.trainer.global_batch_size,
+            "trainer.micro_batch_size": self.trainer.micro_batch_size,
+            "trainer.log_every_n_steps": self.trainer.log_every_n_steps,
+            "trainer.ckpt_every_n_steps": self.trainer.ckpt_every_n_steps,
+            "data.vocab_size": self.data.vocab_size,
+            "data.seq_length": self.data.seq_length,
+        }
+        out.extend(f"{k}={v}: must be >= 1." for k, v in positive.items() if v < 1)
+        if self.optim.lr <= 0 or not 0 <= self.optim.min_lr <= self.optim.lr:
+            out.append(
+                f"optim.lr={self.optim.lr}, optim.min_lr={self.optim.min_lr}: need 0 <= min_lr <= lr, lr > 0."
+            )
+        if self.optim.warmup_steps < 0 or self.optim.warmup_steps >= max(self.trainer.max_steps, 1):
+            out.append(
+                f"optim.warmup_steps={self.optim.warmup_steps}: must be in [0, trainer.max_steps="
+                f"{self.trainer.max_steps})."
+            )
+        if self.optim.clip_grad < 0 or self.optim.weight_decay < 0:
+            out.append("optim.clip_grad and optim.weight_decay: must be >= 0.")
+        if self.data.topk < 0 or self.data.topk >= self.data.vocab_size:
+            out.append(f"data.topk={self.data.topk}: must be in [0, data.vocab_size).")
+        if self.loss.needs_topk() and self.data.topk == 0:
+            out.append(
+                f"loss.name={self.loss.name!r} (base {self.loss.base!r}) reads the teacher top-k: "
+                "set data.topk > 0."
+            )
+        return out
+
+    def _layout_problems(self) -> list[str]:
+        p, t = self.parallel, self.trainer
+        out = []
+        mp = self.model_parallel_size
+        if mp >= 1 and self.world_size % mp:
+            out.append(
+                f"trainer.devices x trainer.num_nodes = {self.world_size} is not divisible by "
+                f"TP x PP x CP = {mp} "
+                f"(parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}, "
+                f"pipeline_model_parallel_size={p.pipeline_model_parallel_size}, "
+                f"context_parallel_size={p.context_parallel_size}): change devices or the parallel sizes."
+            )
+        dp = self.data_parallel_size
+        if t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp):
+            out.append(
+                f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+                "trainer.micro_batch_size "
+                f"x data-parallel size = {t.micro_batch_size} x {dp}."
+            )
+        layers, heads, groups = self.model.shape()
+        pp = p.pipeline_model_parallel_size
+        if pp > layers:
+            out.append(
+                f"parallel.pipeline_model_parallel_size={pp} > model layers ({layers}): "
+                "at most one stage per layer."
+            )
+        elif pp >= 1 and layers % pp:
+            out.append(
+                f"model layers ({layers}) not divisible by parallel.pipeline_model_parallel_size={pp}."
+            )
+        vpp = p.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            if pp < 2:
+                out.append(
+                    "parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1."
+                )
+            elif vpp < 1 or (layers // pp) % vpp:
+                out.append(
+                    f"parallel.virtual_pipeline_model_parallel_size={vpp}: must divide the layers per stage "
+                    f"({layers} // {pp})."
+                )
+        tp = p.tensor_model_parallel_size
+        if tp >= 1 and (heads % tp or groups % tp):
+            out.append(
+                f"parallel.tensor_model_parallel_size={tp} must divide the attention heads ({heads}) and "
+                f"query groups ({groups}) of {self.model.family}-{self.model.size}."
+            )
+        if p.sequence_parallel and tp < 2:
+            out.append("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1.")
+        cp = p.context_parallel_size
+        if cp > 1:
+            if self.data.seq_length % (2 * cp):
+                out.append(
+                    f"data.seq_length={self.data.seq_length} must be divisible by 2 x context_parallel_size."
+                )
+            if self.loss.name in ("discord", "iw_sft") and (
+                self.loss.name == "iw_sft" or self.loss.variant != "token"
+            ):
+                out.append(
+                    "parallel.context_parallel_size > 1 splits each sequence over ranks: the DisCorD prefix/"
+                    "sequence variants and iw_sft need whole sequences; use loss.variant=token or CP=1."
+                )
+        return out
+
+    def _hardware_problems(self, has_gpu: bool) -> list[str]:
+        out = []
+        pr = self.precision
+        if not has_gpu:
+            if pr.dtype != "fp32":
+                out.append(f"precision.dtype={pr.dtype}: needs a GPU (this machine has none); use fp32.")
+            if pr.fp8 is not None:
+                out.append(
+                    f"precision.fp8={pr.fp8}: FP8 needs a GPU and Transformer Engine; set precision.fp8=null."
+                )
+            if self.model.spec == "te":
+                out.append("model.spec=te: Transformer Engine needs a GPU; use model.spec=local or auto.")
+            if self.parallel.use_distributed_optimizer:
+                out.append(
+                    "parallel.use_distributed_optimizer=true: not supported on CPU; set it to null or false."
+                )
+            if self.trainer.async_save:
+                out.append("trainer.async_save=true: needs a GPU; set it to false.")
+        elif pr.fp8 is not None:
+            if pr.dtype != "bf16":
+                out.append(f"precision.fp8={pr.fp8} needs precision.dtype=bf16.")
+            if self.model.spec == "local":
+                out.append("precision.fp8 needs Transformer Engine layers: set model.spec=te or auto.")
+        return out

@@ -1,0 +1,251 @@
+"""``nemo-dcod train``: a validated :class:`TrainConfig` -> NeMo's trainer, strategy and logger -> fit.
+
+Everything here is assembly of NeMo parts: ``MegatronStrategy`` (TP, SP, PP, virtual PP, CP, DP),
+``MegatronMixedPrecision`` (bf16, FP8 through Transformer Engine), ``MegatronOptimizerModule`` with
+warm-up + cosine, ``NeMoLogger`` (TensorBoard, ``ModelCheckpoint``), ``AutoResume`` and
+``PreemptionCallback`` (SIGTERM and SIGUSR1: checkpoint, then exit 0). Our parts are the model
+plug-in (:mod:`nemo_dcod.model`), the data source, the metrics callback, and the choice of the
+checkpoint to resume from (:mod:`nemo_dcod.train.checkpoints`, which skips incomplete ones).
+
+Processes: one per device. Start it under ``torchrun`` or ``srun`` (Lightning reads their
+environment), or plainly with ``trainer.devices=N``: Lightning then re-launches the command once
+per extra rank. Without CUDA the CPU mode (:mod:`nemo_dcod.parallel.cpu_mode`) is switched on and
+the ranks talk over gloo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_dcod.config import to_yaml
+from nemo_dcod.train.config import TrainConfig, padded_vocab_size
+
+__all__ = ["build_model", "run_train"]
+
+
+def _precision_fields(cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.precision.dtype == "bf16":
+        return {"bf16": True, "params_dtype": torch.bfloat16, "pipeline_dtype": torch.bfloat16}
+    return {"bf16": False, "fp16": False, "params_dtype": torch.float32, "pipeline_dtype": torch.float32}
+
+
+def build_model(cfg: TrainConfig) -> Any:
+    """The :class:`~nemo_dcod.model.gpt.DistillGPTModel` of ``cfg`` with its optimizer (not yet built)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
+
+    from nemo_dcod.model.families import build_gpt_config
+    from nemo_dcod.model.gpt import DistillGPTModel
+
+    p = cfg.parallel
+    use_te = {"auto": None, "te": True, "local": False}[cfg.model.spec]
+    gpt_config = build_gpt_config(
+        cfg.model.family,
+        cfg.model.size,
+        padded_vocab_size=padded_vocab_size(cfg.data.vocab_size, p.tensor_model_parallel_size),
+        seq_length=cfg.data.seq_length,
+        parallel={
+            "tensor_model_parallel_size": p.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+            "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+            "context_parallel_size": p.context_parallel_size,
+            "sequence_parallel": p.sequence_parallel,
+        },
+        precision=_precision_fields(cfg),
+        overrides=cfg.model.overrides(),
+        use_te=use_te,
+    )
+    distributed = p.use_distributed_optimizer
+    if distributed is None:
+        distributed = torch.cuda.is_available()
+    o = cfg.optim
+    optimizer = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.precision.dtype == "bf16",
+        params_dtype=torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+    scheduler = CosineAnnealingScheduler(
+        max_steps=cfg.trainer.max_steps, warmup_steps=o.warmup_steps, constant_steps=0, min_lr=o.min_lr
+    )
+    # The optimizer must go to the constructor: GPTModel's default is the distributed optimizer,
+    # and assigning `model.optim` later has no effect (FACTS.md).
+    return DistillGPTModel(
+        gpt_config,
+        loss=dataclasses.asdict(cfg.loss),
+        vocab_size=cfg.data.vocab_size,
+        total_steps=cfg.trainer.max_steps,
+        optim=MegatronOptimizerModule(config=optimizer, lr_scheduler=scheduler),
+    )
+
+
+def _data_module(cfg: TrainConfig) -> Any:
+    from nemo_dcod.data.synthetic import SyntheticTraceDataModule
+
+    t, d = cfg.trainer, cfg.data
+    return SyntheticTraceDataModule(
+        vocab_size=d.vocab_size,
+        seq_length=d.seq_length,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        num_train_samples=d.num_train_samples or t.max_steps * t.global_batch_size,
+        num_val_samples=d.num_val_samples,
+        topk=d.topk,
+        seed=d.seed,
+    )
+
+
+def _precision_plugin(cfg: TrainConfig) -> Any:
+    from nemo import lightning as nl
+
+    pr = cfg.precision
+    if pr.dtype == "fp32":
+        return None
+    fp8: dict[str, Any] = {}
+    if pr.fp8 is not None:
+        fp8 = {
+            "fp8": pr.fp8,
+            "fp8_recipe": pr.fp8_recipe,
+            "fp8_amax_history_len": pr.fp8_amax_history_len,
+            "fp8_amax_compute_algo": pr.fp8_amax_compute_algo,
+            "first_last_layers_bf16": pr.first_last_layers_bf16,
+            "num_layers_at_start_in_bf16": pr.num_layers_at_start_in_bf16,
+            "num_layers_at_end_in_bf16": pr.num_layers_at_end_in_bf16,
+        }
+    return nl.MegatronMixedPrecision(precision="bf16-mixed", params_dtype=torch.bfloat16, **fp8)
+
+
+def _trainer(cfg: TrainConfig, run_dir: Path) -> Any:
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from nemo import lightning as nl
+
+    from nemo_dcod.train.callbacks import MetricsCallback, PreemptOnSigterm, PreemptOnSigusr1
+
+    p, t = cfg.parallel, cfg.trainer
+    distributed_optimizer = p.use_distributed_optimizer
+    if distributed_optimizer is None:
+        distributed_optimizer = torch.cuda.is_available()
+    strategy = nl.MegatronStrategy(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        pipeline_dtype=_precision_fields(cfg)["pipeline_dtype"],
+        ddp=DistributedDataParallelConfig(
+            check_for_nan_in_grad=True,
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=distributed_optimizer,
+            average_in_collective=False,  # the per-token loss divides by the global token count
+        ),
+        ckpt_async_save=t.async_save,
+        ckpt_parallel_save=torch.cuda.is_available(),
+        ckpt_parallel_load=torch.cuda.is_available(),
+        replace_progress_bar=False,
+    )
+    tokens_per_step = t.global_batch_size * cfg.data.seq_length
+    callbacks = [
+        MetricsCallback(
+            str(run_dir), tokens_per_step, t.max_steps, t.log_every_n_steps, config_yaml=to_yaml(cfg)
+        ),
+        PreemptOnSigterm(),
+        PreemptOnSigusr1(),
+    ]
+    plugin = _precision_plugin(cfg)
+    trainer = nl.Trainer(
+        accelerator="gpu" if torch.cuda.is_available() else "cpu",
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        max_steps=t.max_steps,
+        strategy=strategy,
+        plugins=[plugin] if plugin is not None else None,
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_check_interval or None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches if t.val_check_interval else 0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        logger=False,  # NeMoLogger attaches TensorBoard
+    )
+    return trainer
+
+
+def _logger(cfg: TrainConfig, run_dir: Path) -> Any:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from nemo import lightning as nl
+
+    t = cfg.trainer
+    checkpoint = nl.ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        every_n_train_steps=t.ckpt_every_n_steps,
+        save_last=True,
+        save_top_k=t.save_top_k,
+        monitor="step",
+        mode="max",
+        save_on_train_epoch_end=True,
+        save_optim_on_train_end=True,  # every checkpoint resumable, the final one too
+        filename="{step}-{consumed_samples}",
+    )
+    return nl.NeMoLogger(
+        name="",
+        explicit_log_dir=str(run_dir),
+        use_datetime_version=False,
+        ckpt=checkpoint,
+        tensorboard=TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""),
+        update_logger_directory=False,
+    )
+
+
+def _seed_with(seed: int) -> None:
+    """NeMo's strategy always seeds Megatron with 1234 (``init_parallel_ranks``'s default): use ours."""
+    import functools
+
+    from nemo.lightning import _strategy_lib
+
+    original = getattr(_strategy_lib.init_parallel_ranks, "__wrapped__", _strategy_lib.init_parallel_ranks)
+    seeded = functools.wraps(original)(functools.partial(original, seed=seed))
+    _strategy_lib.init_parallel_ranks = seeded
+
+
+def run_train(cfg: TrainConfig) -> Path:
+    """Train the student of ``cfg``; returns the run directory.
+
+    Resumes from the newest complete checkpoint in ``<run_dir>/checkpoints`` when ``cfg.resume``;
+    otherwise starts from ``model.init_from`` (a NeMo 2 checkpoint) or a random initialisation.
+    """
+    from nemo import lightning as nl
+    from nemo.collections import llm
+
+    from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
+    from nemo_dcod.train.checkpoints import newest_complete_checkpoint
+
+    enable_cpu_mode()
+    _seed_with(cfg.seed)
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = newest_complete_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    restore = (
+        nl.RestoreConfig(path=cfg.model.init_from, load_optim_state=False) if cfg.model.init_from else None
+    )
+    resume = nl.AutoResume(
+        resume_from_path=str(resume_from) if resume_from is not None else None,
+        resume_if_exists=False,
+        restore_config=restore if resume_from is None else None,
+    )
+    model = build_model(cfg)
+    trainer = _trainer(cfg, run_dir)
+    llm.train(model=model, data=_data_module(cfg), trainer=trainer, log=_logger(cfg, run_dir), resume=resume)
+    return run_dir
