@@ -210,8 +210,12 @@ def validate(cfg: Any, source: str = "config") -> None:
         raise ConfigError(problems, source)
 
 
-def load_config(schema: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+def load_config(
+    schema: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), check: bool = True
+) -> C:
     """Schema defaults <- YAML file <- ``key=value`` overrides, type-checked, then validated.
+
+    ``check=False`` stops after type-checking (to check a GPU recipe on a CPU machine, say).
 
     Raises:
         ConfigError: unknown keys, wrong types, malformed overrides, or invalid values; all at once
@@ -238,33 +242,64 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: Sequ
         except OmegaConfBaseException as exc:
             problems.append(f"overrides: {exc}")
     for layer in layers:
-        problems.extend(_unknown_keys(base, layer, schema))
+        problems.extend(_unknown_keys(base, layer, schema, drop=True))
+    # Merge what is left; a value of the wrong type is reported, dropped, and the merge retried,
+    # so that one run reports every problem (unknown keys, types, then values) at once.
+    merged = None
+    for _ in range(64):
+        try:
+            merged = OmegaConf.merge(base, *layers)
+            break
+        except OmegaConfBaseException as exc:
+            problems.append(_omegaconf_message(exc))
+            if not _drop(layers, getattr(exc, "full_key", None)):
+                break
+    if merged is None:
+        raise ConfigError(problems, source)
+    cfg = OmegaConf.to_object(merged)
+    if check and hasattr(cfg, "problems"):
+        problems.extend(cfg.problems())
     if problems:
         raise ConfigError(problems, source)
-    try:
-        merged = OmegaConf.merge(base, *layers)
-    except OmegaConfBaseException as exc:
-        raise ConfigError([_omegaconf_message(exc)], source) from exc
-    cfg = OmegaConf.to_object(merged)
-    validate(cfg, source)
     return cfg  # type: ignore[return-value]
 
 
-def _unknown_keys(base: Any, layer: Any, schema: type, prefix: str = "") -> list[str]:
+def _drop(layers: list[Any], key: str | None) -> bool:
+    """Remove dotted ``key`` from every layer holding it; False if it cannot be found."""
+    if not key:
+        return False
+    found = False
+    for layer in layers:
+        node = layer
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if OmegaConf.is_dict(node) else None
+        if OmegaConf.is_dict(node) and parts[-1] in node:
+            del node[parts[-1]]
+            found = True
+    return found
+
+
+def _unknown_keys(base: Any, layer: Any, schema: type, prefix: str = "", drop: bool = False) -> list[str]:
     out: list[str] = []
     if not OmegaConf.is_dict(layer):
         return out
     fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    unknown: list[Any] = []
     for key in layer:
         full = f"{prefix}{key}"
         if key not in fields:
             out.append(f"{full}: unknown key; valid keys here: {', '.join(sorted(fields))}.")
+            unknown.append(key)
             continue
         sub = getattr(base, str(key), None)
         if OmegaConf.is_dict(sub) and OmegaConf.is_dict(layer[key]):
             sub_schema = OmegaConf.get_type(sub)
             if sub_schema is not None:
-                out.extend(_unknown_keys(sub, layer[key], sub_schema, prefix=f"{full}."))
+                out.extend(_unknown_keys(sub, layer[key], sub_schema, prefix=f"{full}.", drop=drop))
+    if drop:
+        for key in unknown:
+            del layer[key]
     return out
 
 

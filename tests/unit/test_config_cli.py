@@ -11,9 +11,10 @@ import pytest
 
 from nemo_dcod.cli import PENDING, main
 from nemo_dcod.config import ConfigError, DemoConfig, LossConfig, load_config
+from nemo_dcod.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS = {"demo": DemoConfig}
+SCHEMAS: dict[str, type] = {"demo": DemoConfig, "train": TrainConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("**/*.yaml")), ids=lambda p: p.name)
@@ -21,7 +22,11 @@ def test_every_conf_yaml_starts_with_its_command_and_validates(path: Path) -> No
     first = path.read_text().splitlines()[0]
     assert first.startswith("# nemo-dcod ") and f"--config conf/{path.relative_to(ROOT / 'conf')}" in first
     stage = first.split()[2]
-    load_config(SCHEMAS[stage], path)
+    cfg = load_config(SCHEMAS[stage], path, check=False)
+    # GPU recipes are checked as on the machine they are for; everything else must hold as well.
+    needs_gpu = isinstance(cfg, TrainConfig) and cfg.precision.dtype != "fp32"
+    problems = cfg.problems(has_gpu=True) if needs_gpu else cfg.problems()
+    assert problems == [], problems
 
 
 def test_unknown_keys_and_bad_values_are_all_reported_at_once(tmp_path: Path) -> None:
@@ -109,3 +114,42 @@ def test_demo_end_to_end_reduced(tmp_path: Path) -> None:
         assert result["first_loss_tp"] == pytest.approx(summary["first_loss_unsharded"], rel=1e-9)
         assert f"{result['kl_teacher_student']:.4f}" in proc.stdout
     assert (run_dir / "config.yaml").read_text().startswith("run_dir:")
+
+
+def test_train_config_errors_all_reported_before_anything_is_built(tmp_path: Path) -> None:
+    """Sizes that do not divide, PP > layers, FP8 on CPU, unknown keys, a bad type and a loss
+    hyper-parameter out of range: one error listing all, and NeMo is never imported (no model)."""
+    bad = [
+        "parallel.tensor_model_parallel_size=3",
+        "parallel.pipeline_model_parallel_size=8",
+        "precision.fp8=e4m3",
+        "trainer.stpes=3",
+        "trainer.max_steps=abc",
+        "loss.tau=-1",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    code = (
+        "import sys; from nemo_dcod.cli import main; rc = main(sys.argv[1:]); "
+        "print('NEMO_IMPORTED' if 'nemo.lightning' in sys.modules else 'NEMO_NOT_IMPORTED'); sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "train", "--config", str(ROOT / "conf/train_tiny.yaml"), *bad],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "NEMO_NOT_IMPORTED" in proc.stdout
+    expected = [
+        "7 problem(s)",
+        "trainer.stpes: unknown key",
+        "trainer.max_steps: Value 'abc'",
+        "loss.tau=-1.0: must be > 0",
+        "is not divisible by TP x PP x CP = 24",
+        "parallel.pipeline_model_parallel_size=8 > model layers (4)",
+        "parallel.tensor_model_parallel_size=3 must divide the attention heads",
+        "precision.fp8=e4m3: FP8 needs a GPU",
+    ]
+    for text in expected:
+        assert text in proc.stderr, (text, proc.stderr)
+    assert not (tmp_path / "run").exists()
