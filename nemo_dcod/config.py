@@ -256,12 +256,13 @@ def load_config(
                 break
     if merged is None:
         raise ConfigError(problems, source)
-    cfg = OmegaConf.to_object(merged)
+    cfg: Any = OmegaConf.to_object(merged)
     if check and hasattr(cfg, "problems"):
         problems.extend(cfg.problems())
     if problems:
         raise ConfigError(problems, source)
-    return cfg  # type: ignore[return-value]
+    result: C = cfg
+    return result
 
 
 def _drop(layers: list[Any], key: str | None) -> bool:
