@@ -143,6 +143,11 @@ def build_gpt_config(
     )
     if not torch.cuda.is_available():
         values["use_cpu_initialization"] = True
+        # NeMo's GPTConfig turns on deallocate_pipeline_outputs: Megatron's schedule then frees a
+        # stage's output right after posting its send. A gloo isend reads that memory later (an
+        # NCCL send keeps it alive for its stream), so with the non-blocking sends of the
+        # interleaved schedule the next stage received freed memory (garbage, then NaN).
+        values["deallocate_pipeline_outputs"] = False
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"model overrides {unknown} are not fields of {cls.__name__}.")

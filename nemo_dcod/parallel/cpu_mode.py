@@ -46,6 +46,13 @@ The patches, each narrow (one library function or one module's view of ``torch``
    ``torch.cuda.is_initialized()`` after every distributed-checkpoint load (to move tensors to the
    current GPU). On CPU nothing is on a GPU: it is replaced by the identity in ``nemo.lightning.io.pl``.
 
+7. **Norms under sequence parallelism.** Without Transformer Engine or apex the local layer spec
+   builds its norms with ``megatron.core.transformer.torch_norm.WrappedTorchNorm``, whose
+   ``__new__`` asserts ``not config.sequence_parallel``. The replacement builds the same torch
+   norm and marks its parameters ``sequence_parallel`` as apex's ``FusedLayerNorm`` does, so that
+   ``finalize_model_grads`` sums their gradients (each rank's covers only its part of the
+   sequence) over the tensor-parallel group.
+
 What this does not cover (not possible on CPU): Transformer Engine layer specs, bf16/FP8 mixed
 precision plugins, fused kernels (RoPE/bias/softmax fusions must be off), the distributed
 optimizer (``use_distributed_optimizer=False`` must be passed in the ``optim=`` given to the model
@@ -530,6 +537,26 @@ def _patch_checkpoint_load() -> None:
     nemo_pl._fix_tensors_device = keep_on_cpu
 
 
+def _patch_sequence_parallel_norm() -> None:
+    import copy
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    original = WrappedTorchNorm.__new__
+
+    def new(cls: type, config: Any, *args: Any, **kwargs: Any) -> Any:
+        if not config.sequence_parallel:
+            return original(cls, config, *args, **kwargs)
+        plain = copy.copy(config)  # a shallow copy: the model's config keeps sequence_parallel
+        plain.sequence_parallel = False
+        norm = original(cls, plain, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True  # read by finalize_model_grads (TP all-reduce of grads)
+        return norm
+
+    WrappedTorchNorm.__new__ = new
+
+
 def enable_cpu_mode() -> bool:
     """Patch NeMo 2.7.3 + megatron-core 0.15.3 so that Megatron training runs on CPU over gloo.
 
@@ -549,6 +576,7 @@ def enable_cpu_mode() -> bool:
     _patch_data_steps()
     _patch_clip_grads()
     _patch_checkpoint_load()
+    _patch_sequence_parallel_norm()
     _ENABLED = True
     _LOG.info("nemo_dcod CPU mode enabled: %d modules see a CPU torch.cuda", len(SHIMMED_MODULES))
     return True

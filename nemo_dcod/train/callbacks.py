@@ -6,7 +6,9 @@ reduction runs); every step they are sent to the first stage of the same pipelin
 0, tensor-parallel rank 0) writes them. The loss and diagnostics are already reduced over
 data-parallel ranks by :class:`~nemo_dcod.model.reduction.DistillLossReduction`.
 
-One JSON object per optimizer step in ``<run_dir>/metrics.jsonl``: ``step`` (1-based, the number of
+One JSON object per optimizer step in ``<run_dir>/metrics.jsonl``, kept whole across resumes
+(NeMoLogger moves a run directory's files to ``run_<n>/`` at each launch; the steps up to the
+checkpoint are carried back): ``step`` (1-based, the number of
 optimizer steps done), ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` (sequence tokens processed
 per second over all ranks), ``elapsed_s`` and the diagnostics (``ess``, ``clip_fraction``,
 ``delta_mean``, ``delta_std``, ``weight_mean``, ``g_mean``, ``lambda``, ``weight_hist``).
@@ -83,14 +85,43 @@ class MetricsCallback(pl.Callback, io.IOMixin):
         self._start = 0.0
         self._last = 0.0
         self._first_step = 0
+        self._resumed_step: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start the clocks (after a resume, the ETA counts the remaining steps only)."""
         self._start = self._last = time.perf_counter()
         self._first_step = trainer.global_step
-        # Written here, not before: NeMoLogger moves files it finds in an existing run dir to run_<n>/.
-        if trainer.global_rank == 0 and self.config_yaml is not None:
+        self._resumed_step = int(trainer.global_step)
+
+    def _start_files(self) -> None:
+        # Not in on_train_start: NeMo's ModelCheckpoint.on_train_start (which runs after ours) moves
+        # the files of an existing run dir to run_<n>/.
+        if self.config_yaml is not None:
             (self.path.parent / "config.yaml").write_text(self.config_yaml)
+        self._carry_over_history(self._resumed_step or 0)
+        self._resumed_step = None
+
+    def _carry_over_history(self, resumed_step: int) -> None:
+        """On a resume, start metrics.jsonl with the steps up to the checkpoint, from the file NeMoLogger
+        just moved into ``run_<n>/``: steps a killed launch logged after its last checkpoint are
+        dropped (they are trained again), so the file keeps one record per step."""
+        if resumed_step == 0 or self.path.exists():
+            return
+        moved = [p for p in self.path.parent.glob("run_*/metrics.jsonl")]
+        if not moved:
+            return
+        newest = max(
+            moved, key=lambda p: int(p.parent.name.split("_")[-1]) if p.parent.name[4:].isdigit() else -1
+        )
+        kept = []
+        for line in newest.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a kill
+                continue
+            if int(record.get("step", 0)) <= resumed_step:
+                kept.append(json.dumps(record))
+        self.path.write_text("".join(f"{line}\n" for line in kept))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -102,6 +133,8 @@ class MetricsCallback(pl.Callback, io.IOMixin):
         payload = _from_last_stage(_last_stage_payload(pl_module))
         if trainer.global_rank != 0:
             return
+        if self._resumed_step is not None:
+            self._start_files()
         step = int(trainer.global_step)
         record: dict[str, Any] = {"step": step}
         record.update(payload or {})

@@ -54,6 +54,13 @@ def build_model(cfg: TrainConfig) -> Any:
             "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
             "context_parallel_size": p.context_parallel_size,
             "sequence_parallel": p.sequence_parallel,
+            # Interleaved schedule: the steady state's batched forward+backward exchange sends to
+            # the next and the previous stage in one batch; at PP=2 both are the same peer and the
+            # tagless ops pair up crossed, so activations and gradients are silently swapped
+            # (Megatron-LM issue #750). Split the directions, as Megatron-LM and NeMo's
+            # MegatronCommOverlapCallback do for virtual pipelines.
+            "overlap_p2p_comm": p.virtual_pipeline_model_parallel_size is not None,
+            "batch_p2p_comm": p.virtual_pipeline_model_parallel_size is None,
         },
         precision=_precision_fields(cfg),
         overrides=cfg.model.overrides(),

@@ -7,14 +7,18 @@ every tensor of ``weights/`` bit for bit (the model and Adam's two moments, read
 with ``torch.distributed.checkpoint`` into full-size tensors, so the TP shards are compared after
 being assembled), the step counters, LR-scheduler and data-sampler state of ``common.pt``, and the
 per-step losses in ``metrics.jsonl``. Bit equality is the right bar on CPU in fp32: the data of
-step ``i`` depends only on ``(seed, i)``, the model has no dropout, gloo's 2-rank all-reduce is
-deterministic, and every process runs one thread (``OMP_NUM_THREADS=1``).
+step ``i`` depends only on ``(seed, i)``, gloo's 2-rank all-reduce is deterministic, every process
+runs one thread (``OMP_NUM_THREADS=1``), and the model has no dropout. (NeMo 2 checkpoints no RNG
+state: a relaunch reseeds from ``seed``, so with dropout a resumed run would draw other masks.)
 
 NeMo names a checkpoint after the 0-based step being finished: ``step=3-consumed_samples=32.0``
 holds the state after 4 optimizer steps (32 samples at global batch 8). The helpers below find
 checkpoints by ``consumed_samples``.
 
-    .venv/bin/pytest tests/distributed/test_train_resume.py -q -x -s   # ~4-5 min on 2 CPU cores
+Six launches of ~40-75 s each (the reference, two interrupted runs, three relaunches); the
+``checkpoint_problem`` cases reuse the reference's checkpoints and take milliseconds.
+
+    .venv/bin/pytest tests/distributed/test_train_resume.py -q -x -s   # ~7 min on 2 busy CPU cores
 """
 
 from __future__ import annotations
@@ -106,7 +110,10 @@ class Launch:
             self.fail(f"exit status {rc}")
 
     def kill(self) -> int:
-        """SIGKILL the whole process group (both ranks) and reap rank 0; its exit status."""
+        """SIGKILL the whole process group (both ranks, even if rank 0 is gone) and reap rank 0.
+
+        Returns rank 0's exit status.
+        """
         with contextlib.suppress(ProcessLookupError):  # the whole group has exited already
             os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.wait(timeout=30)
@@ -118,8 +125,7 @@ def launches() -> Iterator[list[Launch]]:
     started: list[Launch] = []
     yield started
     for launch in started:
-        if launch.proc.poll() is None:
-            launch.kill()
+        launch.kill()
 
 
 def _launch(launches: list[Launch], run_dir: Path) -> Launch:
@@ -161,17 +167,12 @@ def _metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _steps_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
-
-
 def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Every tensor of ``<checkpoint>/weights`` (model and optimizer), assembled to full size here.
 
     The Megatron ``torch_dist`` format is a ``torch.distributed.checkpoint`` whose metadata gives
     each tensor's global shape; ``no_dist=True`` reads all shards in this single process. Entries
-    stored as bytes (the layers' ``_extra_state``, empty without Transformer Engine) are left out.
+    stored as bytes (the layers' ``_extra_state``) are left out.
     """
     reader = dcp.FileSystemReader(checkpoint / "weights")
     metadata = reader.read_metadata()
@@ -234,8 +235,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int,
     try:
         launch.finish()
     finally:
-        if launch.proc.poll() is None:
-            launch.kill()
+        launch.kill()
     metrics = _metrics(run_dir)
     assert sorted(metrics) == list(range(1, MAX_STEPS + 1))
     # Warms up this process's unpickling of DCP metadata (imports megatron), so that the polls
@@ -247,24 +247,37 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int,
 @pytest.fixture(scope="module")
 def killed_after_step_4(
     reference: tuple[Path, dict[int, dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """A run SIGKILLed (both ranks) as soon as its step-4 checkpoint is complete, never relaunched.
+) -> tuple[Path, Path]:
+    """A run SIGKILLed (both ranks) as soon as its step-4 checkpoint is complete: (run dir, a copy).
 
-    Tests relaunch copies of it. At that moment the ``-last`` copy of step 4 is usually being
-    written, so an incomplete checkpoint with NeMo's ``-unfinished`` marker is left behind as well.
+    At that moment the ``-last`` copy of step 4 is usually being written (left behind with NeMo's
+    ``-unfinished`` marker) and step 2's ``-last`` copy may not be deleted yet. The SIGKILL test
+    relaunches the run dir in place; the damage test works on a copy made before that.
     """
     del reference  # only its order: the kill must not compete with the reference run for the cores
-    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    base = tmp_path_factory.mktemp("killed")
+    run_dir = base / "run"
     launch = Launch(run_dir)
     try:
         launch.wait_until(lambda: _complete(_checkpoint(run_dir, 4)), "the step-4 checkpoint was complete")
         rc = launch.kill()
     finally:
-        if launch.proc.poll() is None:
-            launch.kill()
+        launch.kill()
     assert rc == -signal.SIGKILL, rc  # killed, not finished
     assert not _checkpoint(run_dir, 6).exists(), "the job got to its final checkpoint before the kill"
-    return run_dir
+    shutil.copytree(run_dir, base / "pristine", symlinks=True)
+    return run_dir, base / "pristine"
+
+
+def _steps_in(run_dir: Path) -> list[int]:
+    """The steps this launch wrote to ``<run_dir>/metrics.jsonl`` (earlier launches' are in run_<n>/)."""
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _restored_from(log: str) -> Path:
+    match = re.search(r"Restored all states from the checkpoint at (\S+)/weights", log)
+    assert match, "the relaunch did not restore a checkpoint:\n" + log[-4000:]
+    return Path(match.group(1))
 
 
 # --------------------------------------------------------------------------- the scenarios
@@ -272,32 +285,25 @@ def killed_after_step_4(
 
 def test_sigkill_then_relaunch_matches_uninterrupted_run(
     reference: tuple[Path, dict[int, dict[str, Any]]],
-    killed_after_step_4: Path,
-    tmp_path: Path,
+    killed_after_step_4: tuple[Path, Path],
     launches: list[Launch],
 ) -> None:
     reference_dir, reference_metrics = reference
-    run_dir = tmp_path / "run"
-    shutil.copytree(killed_after_step_4, run_dir)
-    # Steps before the kill: the same as the reference (the baseline itself is deterministic).
-    before = _metrics(run_dir)
-    assert set(range(1, 5)) <= set(before)
+    run_dir = killed_after_step_4[0]
+    # Steps before the kill match the reference (the baseline itself is deterministic).
     _assert_same_losses(run_dir, reference_metrics, range(1, 5))
     assert newest_complete_checkpoint(run_dir / "checkpoints") == _checkpoint(run_dir, 4)
 
-    launch = _launch(launches, run_dir)
+    launch = _launch(launches, run_dir)  # the same command, the same run dir
     launch.finish()
-    log = launch.log
-    assert "Restored all states from the checkpoint" in log, log[-4000:]
-    assert str(_checkpoint(run_dir, 4)) in log
-    assert sorted(_metrics(run_dir)) == list(range(1, MAX_STEPS + 1))
-    # The relaunch did steps 5 and 6 only, with the reference's losses.
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
-        5,
-        6,
-    ]
-    _assert_same_losses(run_dir, reference_metrics, range(5, MAX_STEPS + 1))
+    assert _restored_from(launch.log) == _checkpoint(run_dir, 4)
+    assert _steps_in(run_dir) == [5, 6]  # only the steps after the checkpoint were run again
+    _assert_same_losses(run_dir, reference_metrics, range(1, MAX_STEPS + 1))
     _assert_same_final_state(run_dir, reference_dir)
+    # NeMo removed the -last copy cut off by the kill, and top-k bookkeeping carried on.
+    assert not list((run_dir / "checkpoints").glob("*-unfinished"))
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (reference_dir / "checkpoints").iterdir()), names
 
 
 def test_sigterm_checkpoints_exits_0_and_relaunch_finishes(
@@ -306,70 +312,64 @@ def test_sigterm_checkpoints_exits_0_and_relaunch_finishes(
     reference_dir, reference_metrics = reference
     run_dir = tmp_path / "run"
     launch = _launch(launches, run_dir)
-    # After step 1 the handlers are installed (on_train_start); the stop comes at the end of a
-    # later step, usually between two regular checkpoints.
-    launch.wait_until(lambda: _steps_logged(run_dir) >= 1, "step 1 was logged")
-    launch.proc.send_signal(signal.SIGTERM)  # rank 0 only: it broadcasts the stop flag
-    launch.finish()
+    # Signalled once step 2's regular checkpoint is written: the stop comes at the end of step 3
+    # (or later on a slow machine), so what the relaunch resumes from is the preemption save alone.
+    launch.wait_until(lambda: _complete(_checkpoint(run_dir, 2)), "the step-2 checkpoint was complete")
+    launch.proc.send_signal(signal.SIGTERM)  # rank 0 only: it broadcasts the stop flag to rank 1
+    launch.finish()  # exit status 0
+    assert "Preemption detected, saving checkpoint and exiting" in launch.log
     stopped_at = max(_metrics(run_dir))
-    assert 1 <= stopped_at < MAX_STEPS, stopped_at
+    assert 3 <= stopped_at < MAX_STEPS, stopped_at
     saved = newest_complete_checkpoint(run_dir / "checkpoints")
-    assert saved is not None and _samples(saved) == stopped_at * GLOBAL_BATCH, (saved, stopped_at)
+    assert saved == _checkpoint(run_dir, stopped_at, last=True), saved
     assert checkpoint_problem(saved) is None
     assert _training_state(saved)["global_step"] == stopped_at
     assert not list((run_dir / "checkpoints").glob("*-unfinished"))
-    assert "Preemption detected, saving checkpoint and exiting" in launch.log
 
     relaunch = _launch(launches, run_dir)
     relaunch.finish()
-    assert str(saved) in relaunch.log
-    assert sorted(_metrics(run_dir)) == list(range(1, MAX_STEPS + 1))
+    assert _restored_from(relaunch.log) == saved
+    assert _steps_in(run_dir) == list(range(stopped_at + 1, MAX_STEPS + 1))
     _assert_same_losses(run_dir, reference_metrics, range(1, MAX_STEPS + 1))
     _assert_same_final_state(run_dir, reference_dir)
 
 
 def test_damaged_newest_checkpoint_is_skipped(
     reference: tuple[Path, dict[int, dict[str, Any]]],
-    killed_after_step_4: Path,
+    killed_after_step_4: tuple[Path, Path],
     tmp_path: Path,
     launches: list[Launch],
 ) -> None:
+    """Resume from step 2 when step 4 is damaged; the run dir is also a moved copy of the original."""
     reference_dir, reference_metrics = reference
     run_dir = tmp_path / "run"
-    shutil.copytree(killed_after_step_4, run_dir)
-    step_4, step_4_last, step_2 = (
-        _checkpoint(run_dir, 4),
-        _checkpoint(run_dir, 4, last=True),
-        _checkpoint(run_dir, 2),
-    )
-    assert _complete(step_2)
-    # A writer killed mid-file: one shard cut short, no NeMo marker left (only the byte ranges
-    # recorded in .metadata can tell). The -last copy, if the kill let it finish, loses its index.
+    shutil.copytree(killed_after_step_4[1], run_dir, symlinks=True)
+    step_4, step_4_last = _checkpoint(run_dir, 4), _checkpoint(run_dir, 4, last=True)
+    assert _complete(step_4) and _complete(_checkpoint(run_dir, 2))
+    # A writer killed mid-file: one shard cut short and no NeMo marker left behind (only the byte
+    # ranges recorded in .metadata tell). The -last copy, if the kill let it finish, loses its index.
     shard = sorted((step_4 / "weights").glob("*.distcp"))[-1]
     with shard.open("r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     if _complete(step_4_last):
         (step_4_last / "weights" / ".metadata").unlink()
-    assert newest_complete_checkpoint(run_dir / "checkpoints") == step_2
+    expected_start = newest_complete_checkpoint(run_dir / "checkpoints")
+    assert expected_start is not None and _samples(expected_start) == 2 * GLOBAL_BATCH, expected_start
 
     launch = _launch(launches, run_dir)
     launch.finish()
-    log = launch.log
-    assert f"warning: skipping incomplete checkpoint {step_4}: weights/{shard.name} truncated" in log, log[
-        -4000:
-    ]
-    assert "Restored all states from the checkpoint" in log
-    assert str(step_2) in log
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
-        3,
-        4,
-        5,
-        6,
-    ]
-    _assert_same_losses(run_dir, reference_metrics, range(3, MAX_STEPS + 1))
+    warning = f"warning: skipping incomplete checkpoint {step_4}: weights/{shard.name} truncated ("
+    assert warning in launch.log, launch.log[-4000:]
+    assert _restored_from(launch.log) == expected_start
+    assert _steps_in(run_dir) == [3, 4, 5, 6]
+    _assert_same_losses(run_dir, reference_metrics, range(1, MAX_STEPS + 1))
     _assert_same_final_state(run_dir, reference_dir)
-    # The damaged step-4 folder was written again by the relaunch and is complete now.
-    assert checkpoint_problem(step_4) is None or not step_4.exists()
+    # Lightning does not write over the damaged folder: its version counter saves step 4 again
+    # beside it (`...-v1`). The damaged one stays, outside top-k bookkeeping, and any later
+    # relaunch skips it with the same warning.
+    resaved = [p for p in step_4.parent.glob(f"{step_4.name}-v*") if _complete(p)]
+    assert resaved, sorted(p.name for p in step_4.parent.iterdir())
+    assert checkpoint_problem(step_4) is not None
 
 
 # --------------------------------------------------------------------------- checkpoint_problem alone
