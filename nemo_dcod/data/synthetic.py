@@ -1,9 +1,10 @@
 """A synthetic trace source in the final batch format, for tests, benchmarks and smoke runs.
 
-The teacher is a random Markov chain over ``vocab_size`` tokens whose transition probabilities are
-known exactly, so every field ``score`` writes for a real teacher is exact here: the trace token's
-log-prob and the top-k (ids, log-probs). Sample ``i`` depends only on ``(seed, i)``: any rank, any
-data-parallel layout and a resumed run see the same data.
+The teacher is a random Markov chain over ``vocab_size`` tokens (a dense table up to 4096 tokens,
+rank-32 logits above) whose transition probabilities are known exactly, so every field ``score``
+writes for a real teacher is exact here: the trace token's log-prob and the top-k (ids,
+log-probs). Sample ``i`` depends only on ``(seed, i)``: any rank, any data-parallel layout and a
+resumed run see the same data.
 
 Batch fields (per sample, collated to ``[B, S]`` / ``[B, S, K]``), as the packed store will give them:
 ``tokens``, ``labels`` (next tokens), ``position_ids``, ``loss_mask`` (0 on the prompt),
@@ -20,7 +21,10 @@ import torch
 from nemo.lightning import io
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["SyntheticTraceDataModule", "SyntheticTraces"]
+__all__ = ["DENSE_MAX_VOCAB", "SyntheticTraceDataModule", "SyntheticTraces"]
+
+DENSE_MAX_VOCAB = 4096
+"""Up to this vocabulary the teacher chain is a dense table; above it, low-rank logits."""
 
 
 class SyntheticTraces(Dataset[dict[str, torch.Tensor]]):
@@ -47,14 +51,29 @@ class SyntheticTraces(Dataset[dict[str, torch.Tensor]]):
         sharpness: float = 2.5,
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
-        logits = sharpness * torch.randn(vocab_size, vocab_size, generator=gen)
-        self.transitions = torch.log_softmax(logits.double(), dim=-1).float()  # [V, V]
         self.vocab_size = vocab_size
         self.seq_length = seq_length
         self.num_samples = num_samples
         self.topk = topk
         self.prompt_tokens = min(prompt_tokens, seq_length - 1)
         self.seed = seed
+        self.transitions: torch.Tensor | None = None
+        if vocab_size <= DENSE_MAX_VOCAB:
+            logits = sharpness * torch.randn(vocab_size, vocab_size, generator=gen)
+            self.transitions = torch.log_softmax(logits.double(), dim=-1).float()  # [V, V]
+            self.probs = self.transitions.exp()  # once, not per sampled token
+        else:
+            # A dense V x V chain is V² floats (4 GB at 32k): use logits of rank r instead,
+            # sharpness * A[prev] @ B^T / sqrt(r), rows computed when a sample is made.
+            rank = 32
+            self.factor_a = torch.randn(vocab_size, rank, generator=gen) * (sharpness / rank**0.5)
+            self.factor_b = torch.randn(vocab_size, rank, generator=gen)
+
+    def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[N, V]`` log transition probabilities from each of ``tokens``."""
+        if self.transitions is not None:
+            return self.transitions[tokens]
+        return torch.log_softmax((self.factor_a[tokens] @ self.factor_b.T).double(), dim=-1).float()
 
     def __len__(self) -> int:
         return self.num_samples
@@ -64,9 +83,14 @@ class SyntheticTraces(Dataset[dict[str, torch.Tensor]]):
         chain = torch.empty(self.seq_length + 1, dtype=torch.long)
         chain[0] = int(torch.randint(0, self.vocab_size, (1,), generator=gen))
         for t in range(self.seq_length):
-            chain[t + 1] = int(torch.multinomial(self.transitions[chain[t]].exp(), 1, generator=gen))
+            probs = (
+                self.probs[chain[t]]
+                if self.transitions is not None
+                else self._rows(chain[t : t + 1])[0].exp()
+            )
+            chain[t + 1] = int(torch.multinomial(probs, 1, generator=gen))
         tokens, labels = chain[:-1], chain[1:]
-        rows = self.transitions[tokens]  # [S, V]
+        rows = self._rows(tokens)  # [S, V]
         loss_mask = torch.ones(self.seq_length, dtype=torch.float32)
         loss_mask[: self.prompt_tokens] = 0.0
         sample = {
