@@ -158,6 +158,16 @@ class SyntheticTraceDataModule(pl.LightningDataModule, io.IOMixin):
         """The validation traces (a different seed)."""
         return DataLoader(self.val_ds, num_workers=0)
 
+    def reconfigure_limit_batches(self) -> None:
+        """Count ``limit_val_batches`` in global batches: Lightning counts micro-batches here (NeMo
+        calls this hook; its own data modules do the same)."""
+        from nemo.collections.llm.gpt.data.utils import _reconfigure_limit_batches
+
+        assert self.trainer is not None
+        self.trainer.limit_val_batches = _reconfigure_limit_batches(
+            self.trainer.limit_val_batches, self.val_ds
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The number of samples consumed so far, saved in the checkpoint."""
         assert self.trainer is not None

@@ -11,7 +11,8 @@ One JSON object per optimizer step in ``<run_dir>/metrics.jsonl``, kept whole ac
 checkpoint are carried back): ``step`` (1-based, the number of
 optimizer steps done), ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` (sequence tokens processed
 per second over all ranks), ``elapsed_s`` and the diagnostics (``ess``, ``clip_fraction``,
-``delta_mean``, ``delta_std``, ``weight_mean``, ``g_mean``, ``lambda``, ``weight_hist``).
+``delta_mean``, ``delta_std``, ``weight_mean``, ``g_mean``, ``lambda``, ``weight_hist``); after
+each validation, an object with ``step`` and ``val_loss``.
 """
 
 from __future__ import annotations
@@ -151,6 +152,21 @@ class MetricsCallback(pl.Callback, io.IOMixin):
             trainer.logger.log_metrics(scalars, step=step)
         if step % self.log_every == 0 or step == self.max_steps:
             self._print(record, now)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Append ``{"step", "val_loss"}`` (NeMo's logged validation loss) to metrics.jsonl."""
+        del pl_module
+        value = trainer.callback_metrics.get("val_loss")
+        if trainer.global_rank != 0 or value is None or trainer.sanity_checking:
+            return
+        record = {"step": int(trainer.global_step), "val_loss": float(value)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(
+            f"step {record['step']}/{self.max_steps} | val_loss {record['val_loss']:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _print(self, record: dict[str, Any], now: float) -> None:
         step = record["step"]
