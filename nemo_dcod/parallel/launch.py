@@ -7,6 +7,7 @@ loopback, and returns every rank's result or raises with the failing rank's trac
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -38,7 +39,11 @@ def _entry(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
         )
         dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
-        results.put((rank, None, fn(rank, world, *args)))
+        # As bytes: a tensor put on a multiprocessing queue travels as a shared-memory handle that
+        # dies with this process, which may exit before the parent reads it.
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world, *args), buffer)
+        results.put((rank, None, buffer.getvalue()))
     except BaseException:
         results.put((rank, traceback.format_exc(), None))
     finally:
@@ -83,7 +88,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 continue
             if error is not None:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{error}")
-            outs[rank] = out
+            outs[rank] = torch.load(io.BytesIO(out), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=30)
