@@ -269,9 +269,13 @@ def killed_after_step_4(
     return run_dir, base / "pristine"
 
 
-def _steps_in(run_dir: Path) -> list[int]:
-    """The steps this launch wrote to ``<run_dir>/metrics.jsonl`` (earlier launches' are in run_<n>/)."""
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _steps_in(run_dir: Path, launch: Launch) -> list[int]:
+    """The steps ``launch`` trained (its rank-0 progress lines), after checking that
+    ``<run_dir>/metrics.jsonl`` holds every step of the run exactly once: the relaunch carries the
+    records up to its checkpoint over from the file NeMoLogger moved to ``run_<n>/``."""
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, MAX_STEPS + 1)), steps
+    return [int(m) for m in re.findall(r"^step (\d+)/\d+ \| loss", launch.log, flags=re.MULTILINE)]
 
 
 def _restored_from(log: str) -> Path:
@@ -297,7 +301,7 @@ def test_sigkill_then_relaunch_matches_uninterrupted_run(
     launch = _launch(launches, run_dir)  # the same command, the same run dir
     launch.finish()
     assert _restored_from(launch.log) == _checkpoint(run_dir, 4)
-    assert _steps_in(run_dir) == [5, 6]  # only the steps after the checkpoint were run again
+    assert _steps_in(run_dir, launch) == [5, 6]  # only the steps after the checkpoint were run again
     _assert_same_losses(run_dir, reference_metrics, range(1, MAX_STEPS + 1))
     _assert_same_final_state(run_dir, reference_dir)
     # NeMo removed the -last copy cut off by the kill, and top-k bookkeeping carried on.
@@ -329,7 +333,7 @@ def test_sigterm_checkpoints_exits_0_and_relaunch_finishes(
     relaunch = _launch(launches, run_dir)
     relaunch.finish()
     assert _restored_from(relaunch.log) == saved
-    assert _steps_in(run_dir) == list(range(stopped_at + 1, MAX_STEPS + 1))
+    assert _steps_in(run_dir, relaunch) == list(range(stopped_at + 1, MAX_STEPS + 1))
     _assert_same_losses(run_dir, reference_metrics, range(1, MAX_STEPS + 1))
     _assert_same_final_state(run_dir, reference_dir)
 
@@ -361,7 +365,7 @@ def test_damaged_newest_checkpoint_is_skipped(
     warning = f"warning: skipping incomplete checkpoint {step_4}: weights/{shard.name} truncated ("
     assert warning in launch.log, launch.log[-4000:]
     assert _restored_from(launch.log) == expected_start
-    assert _steps_in(run_dir) == [3, 4, 5, 6]
+    assert _steps_in(run_dir, launch) == [3, 4, 5, 6]
     _assert_same_losses(run_dir, reference_metrics, range(1, MAX_STEPS + 1))
     _assert_same_final_state(run_dir, reference_dir)
     # Lightning does not write over the damaged folder: its version counter saves step 4 again
