@@ -1,6 +1,8 @@
 """``nemo-dcod <stage> [--config conf/....yaml] [key=value ...]``: parse, load config, call a stage.
 
-No logic lives here: each stage is a function of a validated config.
+No logic lives here: each stage is a function of a validated config. A few stages also take
+flags (``nemo-dcod import --hf DIR --out DIR``); each flag is a shorthand for one config key of
+that stage (:data:`FLAGS`) and is turned into a ``key=value`` override before the explicit ones.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ from nemo_dcod.config import ConfigError, DemoConfig, load_config  # noqa: E402
 
 # Stages that later work items add; until then they say so and exit non-zero.
 PENDING = {
-    "prepare": "traces -> packed sample store",
     "score": "teacher log-probs (and top-k) into the store",
-    "import": "a Hugging Face checkpoint -> NeMo 2",
-    "export": "a trained checkpoint -> Hugging Face and NeMo 2",
     "eval": "math benchmarks on an exported model",
 }
 
@@ -42,9 +41,72 @@ def _train(config: str | None, overrides: Sequence[str]) -> int:
     return 0
 
 
+def _prepare(config: str | None, overrides: Sequence[str]) -> int:
+    from nemo_dcod.data.config import PrepareConfig
+    from nemo_dcod.data.prepare import run_prepare
+    from nemo_dcod.data.readers import DataError
+
+    cfg = load_config(PrepareConfig, config, overrides)
+    try:
+        run_prepare(cfg)
+    except DataError as exc:
+        print(f"nemo-dcod prepare: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _convert_errors() -> tuple[type[BaseException], ...]:
+    from nemo_dcod.convert.coverage import ConversionError
+    from nemo_dcod.convert.hf_import import InputError
+    from nemo_dcod.convert.verify import VerificationError
+
+    return (InputError, ConversionError, VerificationError, FileExistsError)
+
+
+def _import(config: str | None, overrides: Sequence[str]) -> int:
+    from nemo_dcod.convert.config import ImportConfig
+    from nemo_dcod.convert.hf_import import run_import
+
+    cfg = load_config(ImportConfig, config, overrides)
+    try:
+        run_import(cfg)
+    except _convert_errors() as exc:
+        print(f"nemo-dcod import: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export(config: str | None, overrides: Sequence[str]) -> int:
+    from nemo_dcod.convert.config import ExportConfig
+    from nemo_dcod.convert.hf_export import run_export
+
+    cfg = load_config(ExportConfig, config, overrides)
+    try:
+        run_export(cfg)
+    except _convert_errors() as exc:
+        print(f"nemo-dcod export: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 STAGES: dict[str, tuple[str, Callable[[str | None, Sequence[str]], int]]] = {
     "demo": ("the embedded default: SFT vs DisCorD on a synthetic teacher, CPU, tensor-parallel", _demo),
     "train": ("the student with DisCorD (or a baseline) through the NeMo plug-in", _train),
+    "prepare": ("traces (JSONL, Parquet, saved HF dataset) -> packed, sharded sample store", _prepare),
+    "import": ("a Hugging Face checkpoint -> NeMo 2 (--hf DIR --out DIR), verified", _import),
+    "export": ("a NeMo 2 checkpoint -> Hugging Face (--checkpoint DIR --hf-out DIR), verified", _export),
+}
+
+# --flag -> (stages that take it, config key). Booleans are --flag / --no-flag.
+FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "hf": (("import",), "hf"),
+    "out": (("import",), "out"),
+    "checkpoint": (("export",), "checkpoint"),
+    "hf_out": (("export",), "hf_out"),
+    "nemo_out": (("export",), "nemo_out"),
+    "tokenizer": (("export",), "tokenizer"),
+    "overwrite": (("import", "export"), "overwrite"),
+    "verify": (("import", "export"), "verify.enabled"),
 }
 
 
@@ -63,7 +125,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML config (conf/...); default: the stage's built-in defaults")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.tau=2.0 steps=50")
+    flags = parser.add_argument_group("import / export flags (shorthands for config keys)")
+    for name, (stages, key) in FLAGS.items():
+        option = "--" + name.replace("_", "-")
+        where = "/".join(stages)
+        if name in ("overwrite", "verify"):
+            flags.add_argument(
+                option, action=argparse.BooleanOptionalAction, default=None, help=f"{where}: {key}=true|false"
+            )
+        else:
+            flags.add_argument(option, metavar="DIR", help=f"{where}: {key}=DIR")
     return parser
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The stage's flags as ``key=value`` overrides.
+
+    Raises:
+        ConfigError: a flag given to a stage that does not take it.
+    """
+    out, problems = [], []
+    for name, (stages, key) in FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if args.stage not in stages:
+            problems.append(f"{option}: a flag of `nemo-dcod {' / '.join(stages)}`, not of `{args.stage}`.")
+        elif isinstance(value, bool):
+            out.append(f"{key}={str(value).lower()}")
+        else:
+            out.append(f"{key}={value}")
+    if problems:
+        raise ConfigError(problems, "command line")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nemo-dcod {args.stage}: not implemented yet ({PENDING[args.stage]}).", file=sys.stderr)
         return 2
     try:
-        return STAGES[args.stage][1](args.config, args.overrides)
+        overrides = [*flag_overrides(args), *args.overrides]
+        return STAGES[args.stage][1](args.config, overrides)
     except ConfigError as exc:
         print(f"nemo-dcod {args.stage}: {exc}", file=sys.stderr)
         return 2

@@ -11,10 +11,11 @@ import pytest
 
 from nemo_dcod.cli import PENDING, main
 from nemo_dcod.config import ConfigError, DemoConfig, LossConfig, load_config
+from nemo_dcod.data.config import PrepareConfig
 from nemo_dcod.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS: dict[str, type] = {"demo": DemoConfig, "train": TrainConfig}
+SCHEMAS: dict[str, type] = {"demo": DemoConfig, "train": TrainConfig, "prepare": PrepareConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("**/*.yaml")), ids=lambda p: p.name)
@@ -77,7 +78,7 @@ def test_cli_help_lists_stages_and_pending_stages_fail(capsys: pytest.CaptureFix
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert all(stage in out for stage in ["demo", "train", *PENDING])
-    assert main(["prepare"]) == 2
+    assert main(["score"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not implemented yet" in err[0]
     assert main(["demo", "steps=-1"]) == 2

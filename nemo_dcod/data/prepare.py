@@ -1,0 +1,333 @@
+"""``nemo-dcod prepare``: teacher traces -> a packed, sharded, versioned sample store.
+
+    nemo-dcod prepare --config conf/prepare_tiny.yaml
+    nemo-dcod prepare --config conf/prepare_tiny.yaml inputs='[traces/*.jsonl]' seq_length=8192 workers=16
+
+The inputs are cut into shards of ``records_per_shard`` records (:func:`~nemo_dcod.data.readers.plan_shards`);
+each shard is read, validated, tokenized, packed and written by one worker, on its own, so the
+store does not depend on the number of workers. A shard's *key* hashes what decides its content:
+the input file's identity (path, size, mtime), the record range, the content settings of the
+config and the tokenizer's fingerprint. Re-running skips every shard whose key matches and
+redoes the others; a finished store (same keys) is left as is. The manifest is written last,
+atomically: until it exists the store is incomplete and :class:`~nemo_dcod.data.store.PackedStore`
+refuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nemo_dcod.data.config import PrepareConfig
+from nemo_dcod.data.readers import (
+    BAD_RECORD_REASONS,
+    DataError,
+    RecordError,
+    ShardSpec,
+    expand_inputs,
+    input_identity,
+    parse_record,
+    plan_shards,
+    read_shard,
+)
+from nemo_dcod.data.store import (
+    ROW_COLUMNS,
+    STORE_FORMAT,
+    STORE_VERSION,
+    TEACHER_COLUMNS,
+    IncompleteStoreError,
+    PackedStore,
+    pack_documents,
+    write_json_atomic,
+    write_shard,
+)
+from nemo_dcod.data.tokenize import Document, TraceTokenizer, load_tokenizer, tokenizer_fingerprint
+
+__all__ = ["run_prepare"]
+
+_EXAMPLES = 3  # locations kept per skip reason, in each shard's info and the report
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _pad_token_id(tok: Any) -> int:
+    for value in (tok.pad_token_id, tok.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+# One tokenizer per worker process, loaded once by the pool's initializer.
+_WORKER: dict[str, TraceTokenizer] = {}
+
+
+def _init_worker(cfg: PrepareConfig) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    _WORKER["tokenizer"] = TraceTokenizer(cfg)
+
+
+def _count(e: RecordError, cfg: PrepareConfig, skipped: Counter[str], examples: dict[str, list[str]]) -> None:
+    if cfg.on_bad_record == "error" and e.reason in BAD_RECORD_REASONS:
+        raise DataError(f"{e} (set on_bad_record=skip to count and skip such records)")
+    skipped[e.reason] += 1
+    if len(examples.setdefault(e.reason, [])) < _EXAMPLES:
+        examples[e.reason].append(f"{e.location}: {e.detail}")
+
+
+def build_shard(
+    cfg: PrepareConfig, spec: ShardSpec, key: str, tokenizer: TraceTokenizer | None = None
+) -> dict[str, Any]:
+    """Read, tokenize, pack and write one shard; its info (also saved as its shard.json)."""
+    tt = tokenizer if tokenizer is not None else _WORKER["tokenizer"]
+    skipped: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    traces = []
+    read = 0
+    for location, index, raw in read_shard(spec):
+        read += 1
+        try:
+            traces.append(parse_record(raw, cfg.fields, location, index, cfg.system_prompt))
+        except RecordError as exc:
+            _count(exc, cfg, skipped, examples)
+    documents: list[Document] = []
+    for item in tt.encode(traces):
+        if isinstance(item, RecordError):
+            _count(item, cfg, skipped, examples)
+        else:
+            documents.append(item)
+    packed = pack_documents(documents, cfg.seq_length, _pad_token_id(tt.tok), cfg.packing)
+    info = {
+        "key": key,
+        "index": spec.index,
+        "input": asdict(spec),
+        "records_read": read,
+        "records_kept": len(documents),
+        "skipped": dict(sorted(skipped.items())),
+        "skip_examples": examples,
+        "documents": len(documents),
+        "truncated": sum(d.truncated for d in documents),
+        "teacher_filled_tokens": sum(d.filled for d in documents),
+        "rows": packed.rows,
+        "tokens": int((packed.columns["segment_ids"] >= 0).sum()),
+        "loss_tokens": int(packed.columns["loss_mask"].sum()),
+    }
+    write_shard(Path(cfg.out_dir) / "shards" / _shard_name(spec.index), packed, info)
+    return info
+
+
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}"
+
+
+def _existing_info(cfg: PrepareConfig, spec: ShardSpec, key: str) -> dict[str, Any] | None:
+    """The info of a finished shard with this key whose files are whole; None: (re)build it."""
+    where = Path(cfg.out_dir) / "shards" / _shard_name(spec.index)
+    try:
+        info: dict[str, Any] = json.loads((where / "shard.json").read_text())
+        if info.get("key") != key:
+            return None
+        names = [*ROW_COLUMNS, *(["teacher_logprobs"] if cfg.fields.has_teacher() else [])]
+        shapes = [np.load(where / f"{n}.npy", mmap_mode="r").shape for n in names]
+        if any(shape != (info["rows"], cfg.seq_length) for shape in shapes):
+            return None
+        if np.load(where / "documents.npy", mmap_mode="r").shape != (info["documents"], 4):
+            return None
+    except (OSError, ValueError, KeyError):  # missing, truncated or not JSON/.npy
+        return None
+    return info
+
+
+def _prepare_out_dir(out: Path, run_key: str, overwrite: bool) -> dict[str, Any] | None:
+    """The report of a finished store with this key (nothing to do), else None (build/resume).
+
+    Raises:
+        DataError: ``out_dir`` holds something that is not a store, or a store from other inputs.
+    """
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") == run_key:
+            try:
+                PackedStore(out)
+                report: dict[str, Any] = json.loads((out / "report.json").read_text())
+                return report
+            except (IncompleteStoreError, OSError, json.JSONDecodeError):
+                pass  # damaged: rebuild what is missing
+        elif not overwrite:
+            raise DataError(
+                f"out_dir={out} holds a complete store made from other inputs or settings: set "
+                "overwrite=true to replace it, or choose another out_dir."
+            )
+        manifest_path.unlink()  # from here on the store is incomplete until the new manifest lands
+    elif out.is_dir() and any(out.iterdir()) and not (out / "shards").is_dir():
+        raise DataError(
+            f"out_dir={out} is a non-empty directory that is not a store: choose another out_dir."
+        )
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "shards").glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    return None
+
+
+def _report(cfg: PrepareConfig, infos: list[dict[str, Any]], reused: int, seconds: float) -> dict[str, Any]:
+    skipped: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    for info in infos:
+        skipped.update(info["skipped"])
+        for reason, locs in info["skip_examples"].items():
+            examples.setdefault(reason, []).extend(locs[: _EXAMPLES - len(examples.get(reason, []))])
+    total = {n: sum(i[n] for i in infos) for n in ("records_read", "records_kept", "documents", "truncated")}
+    tokens = sum(i["tokens"] for i in infos)
+    rows = sum(i["rows"] for i in infos)
+    return {
+        **total,
+        "skipped": dict(sorted(skipped.items())),
+        "skip_examples": dict(sorted(examples.items())),
+        "shards": len(infos),
+        "shards_reused": reused,
+        "rows": rows,
+        "seq_length": cfg.seq_length,
+        "tokens": tokens,
+        "loss_tokens": sum(i["loss_tokens"] for i in infos),
+        "teacher_filled_tokens": sum(i["teacher_filled_tokens"] for i in infos),
+        "packing_efficiency": tokens / (rows * cfg.seq_length) if rows else 0.0,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else 0.0,
+    }
+
+
+def format_report(report: dict[str, Any], out_dir: str) -> str:
+    """The report as the few lines prepare prints."""
+    lines = [
+        f"prepare: {out_dir}: {report['records_read']} records read, {report['records_kept']} kept "
+        f"({report['truncated']} truncated), {sum(report['skipped'].values())} skipped",
+    ]
+    for reason, n in report["skipped"].items():
+        first = report["skip_examples"].get(reason, [""])[0]
+        lines.append(f"  skipped {reason}: {n}   e.g. {first}")
+    lines.append(
+        f"  {report['rows']} rows x {report['seq_length']} tokens, {report['tokens']} tokens "
+        f"({report['loss_tokens']} trained), packing efficiency {report['packing_efficiency']:.3f}; "
+        f"{report['shards']} shards ({report['shards_reused']} reused), {report['seconds']:.1f} s"
+    )
+    return "\n".join(lines)
+
+
+def run_prepare(cfg: PrepareConfig, quiet: bool = False) -> dict[str, Any]:
+    """Build (or finish) the store in ``cfg.out_dir``; return the report (also in report.json).
+
+    Raises:
+        DataError: unreadable inputs or tokenizer, ``out_dir`` in the way, or a bad record with
+            ``on_bad_record=error`` (the message names the file and line).
+    """
+    start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    inputs = expand_inputs(cfg.inputs, cfg.format)
+    tokenizer = TraceTokenizer(cfg, load_tokenizer(cfg.tokenizer, cfg.chat_template))
+    fingerprint = tokenizer_fingerprint(tokenizer.tok)
+    specs = plan_shards(inputs, cfg.records_per_shard, cfg.hf_split)
+    settings = cfg.content_settings()
+    identity = {path: [os.path.abspath(path), input_identity(path)] for path, _ in inputs}
+    keys = [
+        _sha(
+            {
+                "version": STORE_VERSION,
+                "settings": settings,
+                "tokenizer": fingerprint,
+                "input": identity[s.path],
+                "range": [s.format, s.start, s.stop, s.byte_start, s.byte_stop, s.split],
+            }
+        )
+        for s in specs
+    ]
+    run_key = _sha(keys)
+    done = _prepare_out_dir(out, run_key, cfg.overwrite)
+    if done is not None:
+        if not quiet:
+            print(f"prepare: {out} is complete for these inputs and settings; nothing to do.")
+        return done
+    infos: dict[int, dict[str, Any]] = {}
+    todo = []
+    for spec, key in zip(specs, keys, strict=True):
+        info = _existing_info(cfg, spec, key)
+        if info is None:
+            todo.append((spec, key))
+        else:
+            infos[spec.index] = info
+    reused = len(infos)
+    if cfg.workers == 1 or len(todo) <= 1:
+        for spec, key in todo:
+            infos[spec.index] = build_shard(cfg, spec, key, tokenizer)
+    else:
+        with ProcessPoolExecutor(
+            max_workers=min(cfg.workers, len(todo)),
+            mp_context=get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(cfg,),
+        ) as pool:
+            futures = [pool.submit(build_shard, cfg, spec, key) for spec, key in todo]
+            try:
+                for (spec, _), future in zip(todo, futures, strict=True):
+                    infos[spec.index] = future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # shards not started are not begun
+                raise
+    planned = {_shard_name(s.index) for s in specs}
+    for extra in (out / "shards").iterdir():
+        if extra.name not in planned:
+            shutil.rmtree(extra)  # shards of an earlier plan (more inputs, smaller shards)
+    ordered = [infos[s.index] for s in specs]
+    report = _report(cfg, ordered, reused, time.perf_counter() - start)
+    write_json_atomic(out / "report.json", report)
+    write_json_atomic(out / "manifest.json", _manifest(cfg, tokenizer, fingerprint, run_key, ordered, report))
+    if not quiet:
+        print(format_report(report, cfg.out_dir), file=sys.stdout)
+    return report
+
+
+def _manifest(
+    cfg: PrepareConfig,
+    tokenizer: TraceTokenizer,
+    fingerprint: str,
+    run_key: str,
+    infos: list[dict[str, Any]],
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    rows, s = report["rows"], cfg.seq_length
+    columns: dict[str, Any] = {n: {"dtype": d, "shape": [rows, s]} for n, d in ROW_COLUMNS.items()}
+    columns.update(dict.fromkeys(TEACHER_COLUMNS))  # empty until score writes them ...
+    if cfg.fields.has_teacher():  # ... except the trace-token log-prob from the generation engine
+        columns["teacher_logprobs"] = {"dtype": TEACHER_COLUMNS["teacher_logprobs"], "shape": [rows, s]}
+    counts = ("records_read", "records_kept", "documents", "rows", "tokens", "loss_tokens")
+    return {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "key": run_key,
+        "seq_length": s,
+        "pad_token_id": _pad_token_id(tokenizer.tok),
+        "vocab_size": len(tokenizer.tok),
+        "tokenizer": {"path": os.path.abspath(cfg.tokenizer), "fingerprint": fingerprint},
+        "teacher": {"logprobs": "generation" if cfg.fields.has_teacher() else None, "topk": 0},
+        "columns": columns,
+        "counts": {n: report[n] for n in counts} | {"skipped": report["skipped"]},
+        "shards": [
+            {n: i[n] for n in ("key", "rows", "documents", "tokens", "loss_tokens")}
+            | {"name": _shard_name(i["index"])}
+            for i in infos
+        ],
+        "settings": cfg.content_settings(),
+    }
