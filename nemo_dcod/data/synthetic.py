@@ -14,12 +14,11 @@ Batch fields (per sample, collated to ``[B, S]`` / ``[B, S, K]``), as the packed
 
 from __future__ import annotations
 
-from typing import Any
-
-import lightning.pytorch as pl
 import torch
 from nemo.lightning import io
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from nemo_dcod.data.module import MegatronSampledDataModule
 
 __all__ = ["DENSE_MAX_VOCAB", "SyntheticTraceDataModule", "SyntheticTraces"]
 
@@ -108,13 +107,8 @@ class SyntheticTraces(Dataset[dict[str, torch.Tensor]]):
         return sample
 
 
-class SyntheticTraceDataModule(pl.LightningDataModule, io.IOMixin):
-    """Lightning data module over :class:`SyntheticTraces`, batched by NeMo's Megatron sampler.
-
-    ``MegatronDataSampler`` sets the micro/global batch sizes, splits each global batch over the
-    data-parallel ranks and, with :meth:`state_dict`, makes the position part of the checkpoint, as
-    NeMo's own pre-training data module does.
-    """
+class SyntheticTraceDataModule(MegatronSampledDataModule, io.IOMixin):
+    """Training and validation batches from :class:`SyntheticTraces` (validation: another seed)."""
 
     def __init__(
         self,
@@ -127,59 +121,8 @@ class SyntheticTraceDataModule(pl.LightningDataModule, io.IOMixin):
         topk: int = 4,
         seed: int = 0,
     ) -> None:
-        from nemo.lightning.pytorch.plugins import MegatronDataSampler
-
-        super().__init__()
+        super().__init__(seq_length, micro_batch_size, global_batch_size)
         self.train_ds = SyntheticTraces(vocab_size, seq_length, num_train_samples, topk=topk, seed=seed)
         self.val_ds = SyntheticTraces(
             vocab_size, seq_length, max(num_val_samples, 1), topk=topk, seed=seed + 1
         )
-        self.data_sampler = MegatronDataSampler(
-            seq_len=seq_length, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size
-        )
-        self.init_global_step = 0
-        # Read by NeMo (llm.train's telemetry config, the strategy's batch-size checks).
-        self.seq_length = seq_length
-        self.micro_batch_size = micro_batch_size
-        self.global_batch_size = global_batch_size
-
-    def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        """Samples in index order; the Megatron sampler batches and shards them.
-
-        Called after a checkpoint is restored: the step it resumes at is where the consumed-samples
-        count restarts from (as in NeMo's pre-training data module).
-        """
-        assert self.trainer is not None  # Lightning attaches it before asking for dataloaders
-        self.init_global_step = self.trainer.global_step
-        self.data_sampler.init_global_step = self.init_global_step
-        return DataLoader(self.train_ds, num_workers=0)
-
-    def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        """The validation traces (a different seed)."""
-        return DataLoader(self.val_ds, num_workers=0)
-
-    def reconfigure_limit_batches(self) -> None:
-        """Count ``limit_val_batches`` in global batches: Lightning counts micro-batches here (NeMo
-        calls this hook; its own data modules do the same)."""
-        from nemo.collections.llm.gpt.data.utils import _reconfigure_limit_batches
-
-        assert self.trainer is not None
-        self.trainer.limit_val_batches = _reconfigure_limit_batches(
-            self.trainer.limit_val_batches, self.val_ds
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """The number of samples consumed so far, saved in the checkpoint."""
-        assert self.trainer is not None
-        steps = self.trainer.global_step - self.init_global_step
-        return {"consumed_samples": self.data_sampler.compute_consumed_samples(steps)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the sampler at the checkpoint's consumed-samples count."""
-        from megatron.core.num_microbatches_calculator import update_num_microbatches
-
-        consumed = int(state_dict["consumed_samples"])
-        self.data_sampler.init_consumed_samples = consumed
-        self.data_sampler.prev_consumed_samples = consumed
-        update_num_microbatches(consumed_samples=consumed, consistency_check=False)
-        self.data_sampler.if_first_step = 1

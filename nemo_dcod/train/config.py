@@ -161,14 +161,17 @@ class OptimSection:
 
 @dataclass
 class DataSection:
-    """Where batches come from. `synthetic` until the packed store lands (`nemo-dcod prepare`)."""
+    """Where batches come from: the packed store of `nemo-dcod prepare`, or a synthetic teacher."""
 
-    source: str = field(default="synthetic", metadata={"choices": ("synthetic",)})
-    """synthetic: a Markov teacher with exact log-probs and top-k, in the final batch format."""
+    source: str = field(default="synthetic", metadata={"choices": ("synthetic", "store")})
+    """store: the packed store at data.path; synthetic: a Markov teacher with exact log-probs and top-k."""
+    path: str | None = None
+    """store: the store directory (prepare's out_dir)."""
     vocab_size: int = 1000
-    """The tokenizer's real vocabulary size (the model pads it; the loss excludes the padding)."""
+    """The tokenizer's real vocabulary size (the model pads it; the loss excludes the padding).
+    store: must equal the store's (its manifest's vocab_size)."""
     seq_length: int = 64
-    """Tokens per sample."""
+    """Tokens per sample. store: must equal the store's row length."""
     num_train_samples: int | None = None
     """Training samples; null: max_steps x global_batch_size."""
     num_val_samples: int = 16
@@ -241,8 +244,13 @@ class TrainConfig:
         """Replicas (world size / model-parallel size)."""
         return max(self.world_size // max(self.model_parallel_size, 1), 1)
 
-    def problems(self, has_gpu: bool | None = None) -> list[str]:
-        """Every problem of this config, each naming the fields that clash and how to fix them."""
+    def problems(self, has_gpu: bool | None = None, check_paths: bool = True) -> list[str]:
+        """Every problem of this config, each naming the fields that clash and how to fix them.
+
+        Args:
+            has_gpu: validate as for a machine with (True) or without (False) a GPU; None: this one.
+            check_paths: also check the files the config names (the store's manifest).
+        """
         if has_gpu is None:
             import torch
 
@@ -255,12 +263,12 @@ class TrainConfig:
         ):
             out.extend(choice_problems(section, prefix))
         out.extend(self.loss.problems("loss"))
-        out.extend(self._size_problems())
+        out.extend(self._size_problems(check_paths))
         out.extend(self._layout_problems())
         out.extend(self._hardware_problems(has_gpu))
         return out
 
-    def _size_problems(self) -> list[str]:
+    def _size_problems(self, check_paths: bool) -> list[str]:
         out = []
         sizes = FAMILY_SIZES.get(self.model.family, ())
         if sizes and self.model.size not in sizes:
@@ -293,10 +301,47 @@ class TrainConfig:
             out.append("optim.clip_grad and optim.weight_decay: must be >= 0.")
         if self.data.topk < 0 or self.data.topk >= self.data.vocab_size:
             out.append(f"data.topk={self.data.topk}: must be in [0, data.vocab_size).")
-        if self.loss.needs_topk() and self.data.topk == 0:
+        if self.data.source == "store":
+            out.extend(self._store_problems() if check_paths else [])
+        elif self.loss.needs_topk() and self.data.topk == 0:
             out.append(
                 f"loss.name={self.loss.name!r} (base {self.loss.base!r}) reads the teacher top-k: "
                 "set data.topk > 0."
+            )
+        return out
+
+    def _store_problems(self) -> list[str]:
+        import json
+        from pathlib import Path
+
+        d = self.data
+        if not d.path:
+            return ["data.source=store needs data.path (the out_dir of `nemo-dcod prepare`)."]
+        manifest_path = Path(d.path) / "manifest.json"
+        if not manifest_path.is_file():
+            return [
+                f"data.path={d.path}: no manifest.json, not a complete store (re-run `nemo-dcod prepare`)."
+            ]
+        manifest = json.loads(manifest_path.read_text())
+        out = []
+        if int(manifest.get("seq_length", -1)) != d.seq_length:
+            out.append(
+                f"data.seq_length={d.seq_length}: the store's rows have {manifest.get('seq_length')} tokens."
+            )
+        if int(manifest.get("vocab_size", -1)) != d.vocab_size:
+            out.append(
+                f"data.vocab_size={d.vocab_size}: the store's tokenizer has {manifest.get('vocab_size')}."
+            )
+        columns = manifest.get("columns", {})
+        reads_teacher = self.loss.name not in ("sft", "dft")
+        if reads_teacher and columns.get("teacher_logprobs") is None:
+            out.append(
+                f"loss.name={self.loss.name!r} reads teacher log-probs, which the store at {d.path} lacks: "
+                "run `nemo-dcod score`, or train with loss.name=sft."
+            )
+        if self.loss.needs_topk() and columns.get("teacher_topk_ids") is None:
+            out.append(
+                f"loss.name={self.loss.name!r} reads the teacher top-k: run `nemo-dcod score` with topk > 0."
             )
         return out
 

@@ -98,9 +98,20 @@ def build_model(cfg: TrainConfig) -> Any:
 
 
 def _data_module(cfg: TrainConfig) -> Any:
+    from nemo_dcod.data.module import StoreTraceDataModule
     from nemo_dcod.data.synthetic import SyntheticTraceDataModule
 
     t, d = cfg.trainer, cfg.data
+    if d.source == "store":
+        assert d.path is not None  # TrainConfig.problems() checked it
+        return StoreTraceDataModule(
+            path=d.path,
+            seq_length=d.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size,
+            num_train_samples=d.num_train_samples or t.max_steps * t.global_batch_size,
+            num_val_samples=d.num_val_samples if t.val_check_interval else 0,
+        )
     return SyntheticTraceDataModule(
         vocab_size=d.vocab_size,
         seq_length=d.seq_length,

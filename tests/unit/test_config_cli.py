@@ -25,8 +25,10 @@ def test_every_conf_yaml_starts_with_its_command_and_validates(path: Path) -> No
     stage = first.split()[2]
     cfg = load_config(SCHEMAS[stage], path, check=False)
     # GPU recipes are checked as on the machine they are for; everything else must hold as well.
-    needs_gpu = isinstance(cfg, TrainConfig) and cfg.precision.dtype != "fp32"
-    problems = cfg.problems(has_gpu=True) if needs_gpu else cfg.problems()
+    if isinstance(cfg, TrainConfig):  # paths (a store) are made by other commands; GPU recipes as on one
+        problems = cfg.problems(has_gpu=cfg.precision.dtype != "fp32" or None, check_paths=False)
+    else:
+        problems = cfg.problems()
     assert problems == [], problems
 
 
