@@ -22,7 +22,6 @@ from nemo_dcod.config import ConfigError, DemoConfig, load_config  # noqa: E402
 # Stages that later work items add; until then they say so and exit non-zero.
 PENDING = {
     "score": "teacher log-probs (and top-k) into the store",
-    "eval": "math benchmarks on an exported model",
 }
 
 
@@ -51,6 +50,19 @@ def _prepare(config: str | None, overrides: Sequence[str]) -> int:
         run_prepare(cfg)
     except DataError as exc:
         print(f"nemo-dcod prepare: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _eval(config: str | None, overrides: Sequence[str]) -> int:
+    from nemo_dcod.eval.config import EvalConfig, EvalError
+    from nemo_dcod.eval.run import run_eval
+
+    cfg = load_config(EvalConfig, config, overrides)
+    try:
+        run_eval(cfg)
+    except (EvalError, ImportError) as exc:
+        print(f"nemo-dcod eval: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -92,6 +104,10 @@ def _export(config: str | None, overrides: Sequence[str]) -> int:
 STAGES: dict[str, tuple[str, Callable[[str | None, Sequence[str]], int]]] = {
     "demo": ("the embedded default: SFT vs DisCorD on a synthetic teacher, CPU, tensor-parallel", _demo),
     "train": ("the student with DisCorD (or a baseline) through the NeMo plug-in", _train),
+    "eval": (
+        "math benchmarks (GSM8K, MATH, MATH500, AMC, AIME, OlympiadBench) on a Hugging Face model",
+        _eval,
+    ),
     "prepare": ("traces (JSONL, Parquet, saved HF dataset) -> packed, sharded sample store", _prepare),
     "import": ("a Hugging Face checkpoint -> NeMo 2 (--hf DIR --out DIR), verified", _import),
     "export": ("a NeMo 2 checkpoint -> Hugging Face (--checkpoint DIR --hf-out DIR), verified", _export),

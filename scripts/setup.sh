@@ -2,7 +2,7 @@
 # Set up (or reuse) the virtual environment at .venv in this checkout, from the tested lock file.
 #   bash scripts/setup.sh            # idempotent: a no-op when .venv matches requirements/lock.txt
 # Installs torch first (pinned: an unpinned request would pull a multi-GB CUDA build), then the
-# package with its dev extra, constrained to requirements/lock.txt.
+# package with its dev and eval extras, constrained to requirements/lock.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -21,6 +21,6 @@ echo "setup.sh: installing into .venv (first run takes a few minutes)" >&2
 .venv/bin/python -m pip install -q --upgrade "pip>=24"
 torch_pin=$(grep -E '^torch==' requirements/lock.txt)
 .venv/bin/python -m pip install -q "$torch_pin"
-.venv/bin/python -m pip install -q -c requirements/lock.txt -e '.[dev]'
+.venv/bin/python -m pip install -q -c requirements/lock.txt -e '.[dev,eval]'
 .venv/bin/python -m pip check
 echo "$want" > "$stamp"

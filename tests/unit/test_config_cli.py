@@ -12,10 +12,16 @@ import pytest
 from nemo_dcod.cli import PENDING, main
 from nemo_dcod.config import ConfigError, DemoConfig, LossConfig, load_config
 from nemo_dcod.data.config import PrepareConfig
+from nemo_dcod.eval.config import EvalConfig
 from nemo_dcod.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS: dict[str, type] = {"demo": DemoConfig, "train": TrainConfig, "prepare": PrepareConfig}
+SCHEMAS: dict[str, type] = {
+    "demo": DemoConfig,
+    "train": TrainConfig,
+    "prepare": PrepareConfig,
+    "eval": EvalConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("**/*.yaml")), ids=lambda p: p.name)
