@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/ci_deps.sh  # Slurm, munge, shellcheck for tests/slurm (root + apt-get; else skipped)
 echo "== ruff" && .venv/bin/ruff check nemo_dcod tests bench && .venv/bin/ruff format --check nemo_dcod tests bench
 echo "== mypy" && .venv/bin/mypy
 echo "== pytest"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -29,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 from nemo.lightning import io
 
-__all__ = ["MetricsCallback", "PreemptOnSigterm", "PreemptOnSigusr1"]
+__all__ = ["PREEMPT_EXIT_CODE_ENV", "MetricsCallback", "PreemptOnSigterm", "PreemptOnSigusr1"]
 
 
 def _last_stage_payload(pl_module: Any) -> dict[str, Any] | None:
@@ -184,15 +185,72 @@ class MetricsCallback(pl.Callback, io.IOMixin):
         print(" | ".join(parts), file=sys.stderr, flush=True)
 
 
+PREEMPT_EXIT_CODE_ENV = "NEMO_DCOD_PREEMPT_EXIT_CODE"
+"""Exit status of a run stopped by a preemption signal once its checkpoint is saved (default 0, as
+NeMo's ``PreemptionCallback``). ``launchers/slurm.sh`` sets 75 (EX_TEMPFAIL) to tell a preemption
+from the end of training, and requeues the job on it."""
+
+
+def _preempt_exit_code() -> int:
+    value = os.environ.get(PREEMPT_EXIT_CODE_ENV, "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{PREEMPT_EXIT_CODE_ENV}={value!r}: must be an integer exit status.") from None
+
+
 def _preemption_base() -> type:
+    """NeMo's ``PreemptionCallback`` with two changes for cluster launches.
+
+    * SIGUSR1's handler is installed in ``setup`` (the process group exists by then) instead of
+      ``on_train_start``: a signal that arrives while the model is built or a checkpoint restored
+      is remembered and acted on at the end of the first step, instead of killing the process
+      (SIGUSR1's default action). Lightning installs its own SIGUSR1 handler (Slurm auto-requeue)
+      after ``setup`` only when none is there; ``nemo_dcod.train.run`` also turns it off.
+      SIGTERM keeps NeMo's timing: at fit start Lightning chains its own SIGTERM handler (which
+      ends the run without a checkpoint) with whatever is installed, so NeMo's must replace that
+      chain at train start.
+    * After the checkpoint, every rank waits at a barrier and exits with
+      ``$NEMO_DCOD_PREEMPT_EXIT_CODE``: when one rank has exited, every rank's share of the
+      checkpoint is on disk, so ``srun --kill-on-bad-exit`` cannot cut a save short.
+    """
     from nemo.lightning.pytorch.callbacks import PreemptionCallback
 
-    base: type = PreemptionCallback
-    return base
+    class Preemption(PreemptionCallback):
+        _handler_context: Any  # NeMo's: None, or the entered signal-handler context
+
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            del trainer, pl_module
+            early = self.sig != signal.SIGTERM
+            if early and stage == "fit" and self._handler_context is None and self.preemption_supported:
+                self._handler_context = self._preemption_handler()
+                self._handler_context.__enter__()
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if self._handler_context is None:
+                super().on_train_start(trainer, pl_module)
+
+        def on_train_batch_end(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            try:
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            except SystemExit:  # NeMo's sys.exit(0) after the checkpoint
+                torch.distributed.barrier()
+                print(
+                    f"preempted: checkpoint saved at step {trainer.global_step}; "
+                    f"exiting with status {_preempt_exit_code()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise SystemExit(_preempt_exit_code()) from None
+
+    return Preemption
 
 
 class PreemptOnSigterm(_preemption_base()):  # type: ignore[misc]
-    """NeMo's ``PreemptionCallback`` on SIGTERM: checkpoint at the end of the step, then exit 0.
+    """NeMo's ``PreemptionCallback`` on SIGTERM: checkpoint at the end of the step, then exit
+    (status ``$NEMO_DCOD_PREEMPT_EXIT_CODE``, default 0).
 
     A subclass without arguments because NeMo 2.7.3's context loader takes a recorded object
     with exactly one argument (``sig``) for a pickle-file reference and fails to restore it.

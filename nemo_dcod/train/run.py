@@ -198,7 +198,22 @@ def _trainer(cfg: TrainConfig, run_dir: Path) -> Any:
         use_distributed_sampler=False,
         logger=False,  # NeMoLogger attaches TensorBoard
     )
+    _no_lightning_requeue(trainer)
     return trainer
+
+
+def _no_lightning_requeue(trainer: Any) -> None:
+    """Under ``srun`` Lightning picks its Slurm environment (ranks from SLURM_PROCID, ...) with
+    auto-requeue on: a SIGUSR1 handler that saves a Lightning ``hpc_ckpt`` from inside the handler,
+    mid-step (NeMo's resume never reads it), and then requeues the job. Here NeMo's
+    ``PreemptionCallback`` saves a NeMo checkpoint at the end of the step and ``launchers/slurm.sh``
+    requeues the job, so Lightning's part is switched off (on the instance, not as a constructor
+    plugin: NeMo records the trainer's arguments in every checkpoint's context)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment):
+        environment.auto_requeue = False
 
 
 def _logger(cfg: TrainConfig, run_dir: Path) -> Any:

@@ -1,0 +1,128 @@
+"""Schemas of the ``import`` and ``export`` stages: one dataclass each, every field with its docstring.
+
+    nemo-dcod import --hf /models/Qwen2.5-0.5B-Instruct --out ckpt/qwen-nemo
+    nemo-dcod export --checkpoint runs/x/checkpoints/step=99-last --hf-out out/qwen-hf nemo_out=out/qwen-nemo
+
+The flags are shorthands for the keys of the same name (``--hf DIR`` is ``hf=DIR``); any key can be
+given as ``key=value``. :meth:`problems` reports everything that can be checked without reading a
+checkpoint, all at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nemo_dcod.config import choice_problems
+
+__all__ = ["DEFAULT_PROMPTS", "TOLERANCE", "ExportConfig", "ImportConfig", "VerifySection"]
+
+# Max |logit difference| allowed between the two sides, by the dtype they compute in.
+# fp32: the same math in a different order: measured <= 1.1e-5 on the tests' tiny random models
+# (logits up to ~8), on CPU, for Llama, Qwen2 and Qwen3.
+# bf16: the two implementations round at different points (norms, RoPE, attention) and 4 random
+# layers amplify it: measured max 0.2-0.9, mean ~0.04 on the same models; the bound is loose and
+# only catches gross errors. That is why verification runs in fp32 by default (verify.dtype).
+# fp16: 3 more mantissa bits than bf16; not measured, set proportionally.
+TOLERANCE: dict[str, float] = {"fp32": 1e-4, "bf16": 1.0, "fp16": 0.25}
+
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "Question: What is 17 * 23? Answer: Let's think step by step.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+]
+
+
+@dataclass
+class VerifySection:
+    """Logit parity between the two sides of a conversion."""
+
+    enabled: bool = True
+    """Run the check (``--no-verify`` turns it off)."""
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    """Texts run through both models (tokenized with the checkpoint's tokenizer)."""
+    random_rows: int = 2
+    """Extra rows of random token ids over the whole vocabulary (every embedding row can matter)."""
+    seq_length: int = 32
+    """Tokens per row (prompts are truncated to it)."""
+    dtype: str = field(default="fp32", metadata={"choices": ("fp32", "checkpoint")})
+    """Compute dtype of both sides: fp32 (bf16/fp16 weights upcast exactly: checks the conversion to
+    1e-4 whatever the checkpoint's dtype), or checkpoint (the checkpoint's own dtype: also checks the
+    two implementations' low-precision kernels, to a looser bound)."""
+    tolerance: float | None = None
+    """Max |logit difference| allowed; null: by compute dtype (fp32 1e-4, bf16 1.0, fp16 0.25)."""
+    seed: int = 0
+    """Seeds the random rows."""
+
+    def problems(self, prefix: str = "verify") -> list[str]:
+        out = choice_problems(self, prefix)
+        if self.enabled and not self.prompts and self.random_rows < 1:
+            out.append(f"{prefix}.prompts is empty and {prefix}.random_rows=0: nothing to compare.")
+        if self.random_rows < 0:
+            out.append(f"{prefix}.random_rows={self.random_rows}: must be >= 0.")
+        if self.seq_length < 2:
+            out.append(f"{prefix}.seq_length={self.seq_length}: must be >= 2.")
+        if self.tolerance is not None and self.tolerance <= 0:
+            out.append(f"{prefix}.tolerance={self.tolerance}: must be > 0, or null for the dtype's default.")
+        return out
+
+
+@dataclass
+class ImportConfig:
+    """``nemo-dcod import``: a local Hugging Face checkpoint -> a NeMo 2 checkpoint."""
+
+    hf: str = ""
+    """The Hugging Face checkpoint folder (``--hf``): config.json, safetensors shards, tokenizer."""
+    out: str = ""
+    """The NeMo 2 checkpoint folder to write (``--out``); usable as ``model.init_from`` of ``train``."""
+    family: str | None = None
+    """Expected family (llama | qwen2 | qwen3, or a train family such as llama3.1); null: from config.json."""
+    overwrite: bool = False
+    """Replace ``out`` if it exists (``--overwrite``); otherwise an existing ``out`` is an error."""
+    verify: VerifySection = field(default_factory=VerifySection)
+    """Same prompts through transformers and the new NeMo checkpoint, after the import."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.hf:
+            out.append("hf: required; the Hugging Face checkpoint folder (--hf DIR or hf=DIR).")
+        if not self.out:
+            out.append("out: required; the NeMo checkpoint folder to write (--out DIR or out=DIR).")
+        if self.hf and self.out and self.hf.rstrip("/") == self.out.rstrip("/"):
+            out.append(f"out={self.out}: must differ from hf.")
+        out.extend(self.verify.problems())
+        return out
+
+
+@dataclass
+class ExportConfig:
+    """``nemo-dcod export``: a NeMo 2 checkpoint (any TP/PP) -> Hugging Face and/or a plain NeMo 2 one."""
+
+    checkpoint: str = ""
+    """The NeMo 2 checkpoint (``--checkpoint``): from ``nemo-dcod train`` or ``import``."""
+    hf_out: str | None = None
+    """Hugging Face folder to write (``--hf-out``): sharded safetensors + index, config, tokenizer."""
+    nemo_out: str | None = None
+    """NeMo 2 checkpoint to write whose context names only NeMo classes (loadable without nemo_dcod)."""
+    tokenizer: str | None = None
+    """Tokenizer when the checkpoint has none: a HF folder or a NeMo checkpoint (e.g. the import)."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors shard of the HF folder."""
+    overwrite: bool = False
+    """Replace existing outputs (``--overwrite``); otherwise an existing output is an error."""
+    verify: VerifySection = field(default_factory=VerifySection)
+    """Same prompts through the NeMo checkpoint and the exported HF folder."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.checkpoint:
+            out.append("checkpoint: required; the NeMo 2 checkpoint (--checkpoint DIR or checkpoint=DIR).")
+        if not self.hf_out and not self.nemo_out:
+            out.append("hf_out / nemo_out: give at least one output (--hf-out DIR, nemo_out=DIR).")
+        if self.hf_out and self.nemo_out and self.hf_out.rstrip("/") == self.nemo_out.rstrip("/"):
+            out.append(f"hf_out={self.hf_out}, nemo_out={self.nemo_out}: must differ.")
+        for name in ("hf_out", "nemo_out"):
+            value = getattr(self, name)
+            if value and self.checkpoint and value.rstrip("/") == self.checkpoint.rstrip("/"):
+                out.append(f"{name}={value}: must differ from checkpoint.")
+        out.extend(self.verify.problems())
+        return out
