@@ -8,16 +8,25 @@ that stage (:data:`FLAGS`) and is turned into a ``key=value`` override before th
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 # torch imports the deprecated `pynvml` shim on every start; the warning is noise for our users.
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the same, in spawned ranks
 
-from nemo_dcod.config import ConfigError, DemoConfig, load_config  # noqa: E402
+from nemo_dcod.config import ConfigError, load_config  # noqa: E402
+
+_CONVERT_ERRORS = (
+    "nemo_dcod.convert.hf_import:InputError",
+    "nemo_dcod.convert.coverage:ConversionError",
+    "nemo_dcod.convert.verify:VerificationError",
+    "builtins:FileExistsError",
+)
 
 # Stages that later work items add; until then they say so and exit non-zero.
 PENDING = {
@@ -25,92 +34,70 @@ PENDING = {
 }
 
 
-def _demo(config: str | None, overrides: Sequence[str]) -> int:
-    from nemo_dcod.demo import run_demo
-
-    run_demo(load_config(DemoConfig, config, overrides))
-    return 0
-
-
-def _train(config: str | None, overrides: Sequence[str]) -> int:
-    from nemo_dcod.train.config import TrainConfig
-    from nemo_dcod.train.run import run_train
-
-    run_train(load_config(TrainConfig, config, overrides))
-    return 0
-
-
-def _prepare(config: str | None, overrides: Sequence[str]) -> int:
-    from nemo_dcod.data.config import PrepareConfig
-    from nemo_dcod.data.prepare import run_prepare
-    from nemo_dcod.data.readers import DataError
-
-    cfg = load_config(PrepareConfig, config, overrides)
-    try:
-        run_prepare(cfg)
-    except DataError as exc:
-        print(f"nemo-dcod prepare: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _eval(config: str | None, overrides: Sequence[str]) -> int:
-    from nemo_dcod.eval.config import EvalConfig, EvalError
-    from nemo_dcod.eval.run import run_eval
-
-    cfg = load_config(EvalConfig, config, overrides)
-    try:
-        run_eval(cfg)
-    except (EvalError, ImportError) as exc:
-        print(f"nemo-dcod eval: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _convert_errors() -> tuple[type[BaseException], ...]:
-    from nemo_dcod.convert.coverage import ConversionError
-    from nemo_dcod.convert.hf_import import InputError
-    from nemo_dcod.convert.verify import VerificationError
-
-    return (InputError, ConversionError, VerificationError, FileExistsError)
+# stage -> (help, config schema, stage function, user errors: "module:name" each, imported on use).
+# A user error prints one line and exits 1; a ConfigError exits 2 (see main).
+_STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "demo": (
+        "the embedded default: SFT vs DisCorD on a synthetic teacher, CPU, tensor-parallel",
+        "nemo_dcod.config:DemoConfig",
+        "nemo_dcod.demo:run_demo",
+        (),
+    ),
+    "train": (
+        "the student with DisCorD (or a baseline) through the NeMo plug-in",
+        "nemo_dcod.train.config:TrainConfig",
+        "nemo_dcod.train.run:run_train",
+        (),
+    ),
+    "eval": (
+        "math benchmarks (GSM8K, MATH, MATH500, AMC, AIME, OlympiadBench) on a Hugging Face model",
+        "nemo_dcod.eval.config:EvalConfig",
+        "nemo_dcod.eval.run:run_eval",
+        ("nemo_dcod.eval.config:EvalError", "builtins:ImportError"),
+    ),
+    "prepare": (
+        "traces (JSONL, Parquet, saved HF dataset) -> packed, sharded sample store",
+        "nemo_dcod.data.config:PrepareConfig",
+        "nemo_dcod.data.prepare:run_prepare",
+        ("nemo_dcod.data.readers:DataError",),
+    ),
+    "import": (
+        "a Hugging Face checkpoint -> NeMo 2 (--hf DIR --out DIR), verified",
+        "nemo_dcod.convert.config:ImportConfig",
+        "nemo_dcod.convert.hf_import:run_import",
+        _CONVERT_ERRORS,
+    ),
+    "export": (
+        "a NeMo 2 checkpoint -> Hugging Face (--checkpoint DIR --hf-out DIR), verified",
+        "nemo_dcod.convert.config:ExportConfig",
+        "nemo_dcod.convert.hf_export:run_export",
+        _CONVERT_ERRORS,
+    ),
+}
 
 
-def _import(config: str | None, overrides: Sequence[str]) -> int:
-    from nemo_dcod.convert.config import ImportConfig
-    from nemo_dcod.convert.hf_import import run_import
-
-    cfg = load_config(ImportConfig, config, overrides)
-    try:
-        run_import(cfg)
-    except _convert_errors() as exc:
-        print(f"nemo-dcod import: {exc}", file=sys.stderr)
-        return 1
-    return 0
+def _resolve(ref: str) -> Any:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _export(config: str | None, overrides: Sequence[str]) -> int:
-    from nemo_dcod.convert.config import ExportConfig
-    from nemo_dcod.convert.hf_export import run_export
+def _stage(name: str) -> Callable[[str | None, Sequence[str]], int]:
+    _, schema, run, errors = _STAGE_SPECS[name]
 
-    cfg = load_config(ExportConfig, config, overrides)
-    try:
-        run_export(cfg)
-    except _convert_errors() as exc:
-        print(f"nemo-dcod export: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    def call(config: str | None, overrides: Sequence[str]) -> int:
+        cfg = load_config(_resolve(schema), config, overrides)
+        try:
+            _resolve(run)(cfg)
+        except tuple(_resolve(e) for e in errors) as exc:
+            print(f"nemo-dcod {name}: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    return call
 
 
 STAGES: dict[str, tuple[str, Callable[[str | None, Sequence[str]], int]]] = {
-    "demo": ("the embedded default: SFT vs DisCorD on a synthetic teacher, CPU, tensor-parallel", _demo),
-    "train": ("the student with DisCorD (or a baseline) through the NeMo plug-in", _train),
-    "eval": (
-        "math benchmarks (GSM8K, MATH, MATH500, AMC, AIME, OlympiadBench) on a Hugging Face model",
-        _eval,
-    ),
-    "prepare": ("traces (JSONL, Parquet, saved HF dataset) -> packed, sharded sample store", _prepare),
-    "import": ("a Hugging Face checkpoint -> NeMo 2 (--hf DIR --out DIR), verified", _import),
-    "export": ("a NeMo 2 checkpoint -> Hugging Face (--checkpoint DIR --hf-out DIR), verified", _export),
+    name: (spec[0], _stage(name)) for name, spec in _STAGE_SPECS.items()
 }
 
 # --flag -> (stages that take it, config key). Booleans are --flag / --no-flag.

@@ -49,7 +49,7 @@ class DistillGPTModel(llm.GPTModel):
         self.real_vocab_size = int(vocab_size)
         self.total_steps = int(total_steps)
 
-    def _reduction(self, validation: bool) -> DistillLossReduction:
+    def _reduction(self) -> DistillLossReduction:
         from nemo_dcod.config import LossConfig
 
         cfg = LossConfig(**self.loss_settings)
@@ -60,7 +60,6 @@ class DistillGPTModel(llm.GPTModel):
             total_steps=self.total_steps,
             chunk_size=cfg.chunk_size,
             validate=cfg.validate,
-            validation_step=validation,
         )
 
     def _global_step(self) -> int:
@@ -71,12 +70,12 @@ class DistillGPTModel(llm.GPTModel):
     def training_loss_reduction(self) -> DistillLossReduction:
         """Our loss on the training micro-batches (built once)."""
         if self._training_loss_reduction is None:
-            self._training_loss_reduction = self._reduction(validation=False)
+            self._training_loss_reduction = self._reduction()
         return self._training_loss_reduction
 
     @property
     def validation_loss_reduction(self) -> DistillLossReduction:
         """Our loss on the validation micro-batches (built once)."""
         if self._validation_loss_reduction is None:
-            self._validation_loss_reduction = self._reduction(validation=True)
+            self._validation_loss_reduction = self._reduction()
         return self._validation_loss_reduction

@@ -43,7 +43,6 @@ class DistillLossReduction(MegatronLossReduction):
         total_steps: the run's number of optimizer steps.
         chunk_size: rows per chunk of the vocab-parallel op (``None``: one pass).
         validate: check every micro-batch's inputs (finite, ids in range).
-        validation_step: a validation reduction (no gradient, all-zero rows tolerated).
     """
 
     def __init__(
@@ -54,7 +53,6 @@ class DistillLossReduction(MegatronLossReduction):
         total_steps: int,
         chunk_size: int | None = None,
         validate: bool = True,
-        validation_step: bool = False,
     ) -> None:
         super().__init__()
         self.loss = loss
@@ -63,7 +61,6 @@ class DistillLossReduction(MegatronLossReduction):
         self.total_steps = total_steps
         self.chunk_size = chunk_size
         self.validate = validate
-        self.validation_step = validation_step
         self.last_metrics: dict[str, float] = {}
         self.last_weight_hist: torch.Tensor | None = None
         self.last_loss: float | None = None

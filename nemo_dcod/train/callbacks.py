@@ -112,9 +112,7 @@ class MetricsCallback(pl.Callback, io.IOMixin):
         moved = [p for p in self.path.parent.glob("run_*/metrics.jsonl")]
         if not moved:
             return
-        newest = max(
-            moved, key=lambda p: int(p.parent.name.split("_")[-1]) if p.parent.name[4:].isdigit() else -1
-        )
+        newest = max(moved, key=lambda p: p.stat().st_mtime)  # the folder NeMoLogger just filled
         kept = []
         for line in newest.read_text().splitlines():
             try:

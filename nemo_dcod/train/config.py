@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemo_dcod.config import LossConfig, choice_problems
+from nemo_dcod.model.families import FAMILIES
 
 __all__ = [
     "DataSection",
@@ -26,15 +27,8 @@ __all__ = [
     "padded_vocab_size",
 ]
 
-# Must match nemo_dcod.model.families.FAMILIES (kept import-free here: validating a config must
-# not import NeMo).
-FAMILY_SIZES: dict[str, tuple[str, ...]] = {
-    "llama3.1": ("tiny", "8b", "70b"),
-    "llama3.2": ("tiny", "1b", "3b"),
-    "llama3.3": ("tiny", "70b"),
-    "qwen2.5": ("tiny", "0.5b", "1.5b", "7b", "14b", "32b", "72b"),
-    "qwen3": ("tiny", "0.6b", "1.7b", "4b", "8b", "14b", "32b"),
-}
+# The families and sizes the model plug-in knows (nemo_dcod.model.families imports no NeMo).
+FAMILY_SIZES: dict[str, tuple[str, ...]] = {family: tuple(sizes) for family, sizes in FAMILIES.items()}
 
 # (num_layers, num_attention_heads, num_query_groups) of each named size, for the checks below.
 _SHAPES: dict[str, tuple[int, int, int]] = {
@@ -238,6 +232,16 @@ class TrainConfig:
         """TP x PP x CP: the ranks that hold one replica."""
         p = self.parallel
         return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+
+    @property
+    def use_distributed_optimizer(self) -> bool:
+        """parallel.use_distributed_optimizer, with null resolved: on with a GPU, off on CPU."""
+        choice = self.parallel.use_distributed_optimizer
+        if choice is None:
+            import torch
+
+            return torch.cuda.is_available()
+        return choice
 
     @property
     def data_parallel_size(self) -> int:

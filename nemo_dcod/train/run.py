@@ -66,9 +66,6 @@ def build_model(cfg: TrainConfig) -> Any:
         overrides=cfg.model.overrides(),
         use_te=use_te,
     )
-    distributed = p.use_distributed_optimizer
-    if distributed is None:
-        distributed = torch.cuda.is_available()
     o = cfg.optim
     optimizer = OptimizerConfig(
         optimizer="adam",
@@ -81,7 +78,7 @@ def build_model(cfg: TrainConfig) -> Any:
         clip_grad=o.clip_grad,
         bf16=cfg.precision.dtype == "bf16",
         params_dtype=torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32,
-        use_distributed_optimizer=distributed,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
     scheduler = CosineAnnealingScheduler(
         max_steps=cfg.trainer.max_steps, warmup_steps=o.warmup_steps, constant_steps=0, min_lr=o.min_lr
@@ -151,9 +148,6 @@ def _trainer(cfg: TrainConfig, run_dir: Path) -> Any:
     from nemo_dcod.train.callbacks import MetricsCallback, PreemptOnSigterm, PreemptOnSigusr1
 
     p, t = cfg.parallel, cfg.trainer
-    distributed_optimizer = p.use_distributed_optimizer
-    if distributed_optimizer is None:
-        distributed_optimizer = torch.cuda.is_available()
     strategy = nl.MegatronStrategy(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -164,7 +158,7 @@ def _trainer(cfg: TrainConfig, run_dir: Path) -> Any:
         ddp=DistributedDataParallelConfig(
             check_for_nan_in_grad=True,
             grad_reduce_in_fp32=True,
-            use_distributed_optimizer=distributed_optimizer,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
             average_in_collective=False,  # the per-token loss divides by the global token count
         ),
         ckpt_async_save=t.async_save,
