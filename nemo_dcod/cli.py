@@ -76,15 +76,27 @@ _STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
 }
 
 
+# stage -> its dry run: validate as on the job's machine, print the layout and the per-GPU memory
+# estimate, run nothing (before asking a cluster for GPUs).
+DRY_RUNS: dict[str, str] = {
+    "train": "nemo_dcod.train.memory:dry_run_train",
+}
+
+
 def _resolve(ref: str) -> Any:
     module, name = ref.split(":")
     return getattr(importlib.import_module(module), name)
 
 
-def _stage(name: str) -> Callable[[str | None, Sequence[str]], int]:
+def _stage(name: str) -> Callable[..., int]:
     _, schema, run, errors = _STAGE_SPECS[name]
 
-    def call(config: str | None, overrides: Sequence[str]) -> int:
+    def call(config: str | None, overrides: Sequence[str], dry_run: bool = False) -> int:
+        if dry_run:
+            if name not in DRY_RUNS:
+                raise ConfigError([f"--dry-run: only for {', '.join(DRY_RUNS)}."], "command line")
+            unchecked = load_config(_resolve(schema), config, overrides, check=False)  # the dry run checks
+            return int(_resolve(DRY_RUNS[name])(unchecked))
         cfg = load_config(_resolve(schema), config, overrides)
         try:
             _resolve(run)(cfg)
@@ -96,7 +108,7 @@ def _stage(name: str) -> Callable[[str | None, Sequence[str]], int]:
     return call
 
 
-STAGES: dict[str, tuple[str, Callable[[str | None, Sequence[str]], int]]] = {
+STAGES: dict[str, tuple[str, Callable[..., int]]] = {
     name: (spec[0], _stage(name)) for name, spec in _STAGE_SPECS.items()
 }
 
@@ -128,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML config (conf/...); default: the stage's built-in defaults")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.tau=2.0 steps=50")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"{'/'.join(DRY_RUNS)}: validate the config as on the machine it is for, print the parallel "
+        "layout and the per-GPU memory estimate, run nothing",
+    )
     flags = parser.add_argument_group("import / export flags (shorthands for config keys)")
     for name, (stages, key) in FLAGS.items():
         option = "--" + name.replace("_", "-")
@@ -171,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         overrides = [*flag_overrides(args), *args.overrides]
-        return STAGES[args.stage][1](args.config, overrides)
+        return STAGES[args.stage][1](args.config, overrides, dry_run=args.dry_run)
     except ConfigError as exc:
         print(f"nemo-dcod {args.stage}: {exc}", file=sys.stderr)
         return 2

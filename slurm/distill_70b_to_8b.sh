@@ -122,6 +122,20 @@ export RUN_ROOT LOG_DIR NEMO_DCOD STAGES ALLOW_MISSING_STAGES GPUS_PER_NODE CPU_
   NEMO_OUT TOKENIZER EVAL_CONFIG EVAL_LABEL EVAL_OUT EVAL_OVERRIDES
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# The train stage's key=value overrides, in the array `overrides` (the driver's dry run uses them too).
+train_overrides() {
+  overrides=(run_dir="$RUN_ROOT/train" data.source=store data.path="$STORE")
+  [[ -z $STUDENT_NEMO ]] || overrides+=(model.init_from="$STUDENT_NEMO")
+  [[ -z $TRAIN_TP ]] || overrides+=(parallel.tensor_model_parallel_size="$TRAIN_TP")
+  [[ -z $TRAIN_PP ]] || overrides+=(parallel.pipeline_model_parallel_size="$TRAIN_PP")
+  [[ -z $TRAIN_CP ]] || overrides+=(parallel.context_parallel_size="$TRAIN_CP")
+  [[ -z $TRAIN_STEPS ]] || overrides+=(trainer.max_steps="$TRAIN_STEPS")
+  [[ -z $TRAIN_GLOBAL_BATCH ]] || overrides+=(trainer.global_batch_size="$TRAIN_GLOBAL_BATCH")
+  [[ -z $TRAIN_MICRO_BATCH ]] || overrides+=(trainer.micro_batch_size="$TRAIN_MICRO_BATCH")
+  # shellcheck disable=SC2206  # TRAIN_OVERRIDES is a list of key=value words
+  overrides+=($TRAIN_OVERRIDES)
+}
 tasks_per_node=$((GPUS_PER_NODE > 0 ? GPUS_PER_NODE : CPU_TASKS_PER_NODE))
 
 # ---------------------------------------------------------------- driver: submit the stage jobs
@@ -145,6 +159,21 @@ submit_stages() {
   if ((${#problems[@]})); then
     printf 'distill_70b_to_8b.sh: %s\n' "${problems[@]}" >&2
     ((DCOD_TEST_ONLY)) || exit 2
+  fi
+  # The training layout as the job will see it, validated, with its per-GPU memory estimate
+  # (no GPU needed; DCOD_GPU_MEMORY_GIB sets the limit, 72 GiB for an 80 GB H100). Skipped where
+  # nemo-dcod is not installed outside the container.
+  if has train && [[ -f $TRAIN_CONFIG ]]; then
+    if command -v "$NEMO_DCOD" >/dev/null; then
+      train_overrides
+      "$NEMO_DCOD" train --config "$TRAIN_CONFIG" --dry-run "${overrides[@]}" \
+        trainer.devices="$tasks_per_node" trainer.num_nodes="$TRAIN_NODES" || {
+        echo "distill_70b_to_8b.sh: the train stage's layout is not runnable as configured (above)" >&2
+        ((DCOD_TEST_ONLY)) || exit 2
+      }
+    else
+      echo "train: dry run skipped ($NEMO_DCOD is not installed here)" >&2
+    fi
   fi
   mkdir -p "$LOG_DIR"
   # A driver running as a job: its SLURM_* variables must not leak into the stage jobs' srun.
@@ -251,17 +280,8 @@ case $DCOD_STAGE in
       dcod_launch --single --log "$LOG_DIR/import_student.log" -- \
         "$NEMO_DCOD" import --hf "$STUDENT_HF" --out "$STUDENT_NEMO"
     fi
-    overrides=(run_dir="$RUN_ROOT/train" data.source=store data.path="$STORE")
-    [[ -z $STUDENT_NEMO ]] || overrides+=(model.init_from="$STUDENT_NEMO")
-    [[ -z $TRAIN_TP ]] || overrides+=(parallel.tensor_model_parallel_size="$TRAIN_TP")
-    [[ -z $TRAIN_PP ]] || overrides+=(parallel.pipeline_model_parallel_size="$TRAIN_PP")
-    [[ -z $TRAIN_CP ]] || overrides+=(parallel.context_parallel_size="$TRAIN_CP")
-    [[ -z $TRAIN_STEPS ]] || overrides+=(trainer.max_steps="$TRAIN_STEPS")
-    [[ -z $TRAIN_GLOBAL_BATCH ]] || overrides+=(trainer.global_batch_size="$TRAIN_GLOBAL_BATCH")
-    [[ -z $TRAIN_MICRO_BATCH ]] || overrides+=(trainer.micro_batch_size="$TRAIN_MICRO_BATCH")
-    # shellcheck disable=SC2086
-    dcod_launch --log "$LOG_DIR/train.log" -- \
-      "$NEMO_DCOD" train --config "$TRAIN_CONFIG" "${overrides[@]}" $TRAIN_OVERRIDES
+    train_overrides
+    dcod_launch --log "$LOG_DIR/train.log" -- "$NEMO_DCOD" train --config "$TRAIN_CONFIG" "${overrides[@]}"
     ;;
   export)
     checkpoint=$(find "$RUN_ROOT/train/checkpoints" -maxdepth 1 -name '*-last' 2>/dev/null | sort -V | tail -n 1)

@@ -77,7 +77,24 @@ _WORKER: dict[str, TraceTokenizer] = {}
 
 def _init_worker(cfg: PrepareConfig) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
-    _WORKER["tokenizer"] = TraceTokenizer(cfg)
+    if "tokenizer" not in _WORKER:  # spawned (a forked worker inherits the parent's)
+        _WORKER["tokenizer"] = TraceTokenizer(cfg)
+
+
+def _pool_context() -> Any:
+    """``fork`` where the platform has it, else ``spawn``.
+
+    A forked worker inherits the imported modules and the loaded tokenizer; a spawned one spends
+    seconds re-importing transformers and reloading the tokenizer, which dominated the run time
+    of stores of a few shards (bench/prepare.py). Forking is safe here: the parent has not
+    tokenized anything when the pool starts (the Rust tokenizer's thread pool does not exist yet,
+    and ``tokenizers`` disables it in a child forked after use anyway) and runs no torch ops.
+    """
+    import multiprocessing
+
+    return get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform == "linux" else "spawn"
+    )
 
 
 def _count(e: RecordError, cfg: PrepareConfig, skipped: Counter[str], examples: dict[str, list[str]]) -> None:
@@ -273,19 +290,23 @@ def run_prepare(cfg: PrepareConfig, quiet: bool = False) -> dict[str, Any]:
         for spec, key in todo:
             infos[spec.index] = build_shard(cfg, spec, key, tokenizer)
     else:
-        with ProcessPoolExecutor(
-            max_workers=min(cfg.workers, len(todo)),
-            mp_context=get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(cfg,),
-        ) as pool:
-            futures = [pool.submit(build_shard, cfg, spec, key) for spec, key in todo]
-            try:
-                for (spec, _), future in zip(todo, futures, strict=True):
-                    infos[spec.index] = future.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # shards not started are not begun
-                raise
+        _WORKER["tokenizer"] = tokenizer  # inherited by forked workers
+        try:
+            with ProcessPoolExecutor(
+                max_workers=min(cfg.workers, len(todo)),
+                mp_context=_pool_context(),
+                initializer=_init_worker,
+                initargs=(cfg,),
+            ) as pool:
+                futures = [pool.submit(build_shard, cfg, spec, key) for spec, key in todo]
+                try:
+                    for (spec, _), future in zip(todo, futures, strict=True):
+                        infos[spec.index] = future.result()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)  # shards not started are not begun
+                    raise
+        finally:
+            _WORKER.pop("tokenizer", None)
     planned = {_shard_name(s.index) for s in specs}
     for extra in (out / "shards").iterdir():
         if extra.name not in planned:

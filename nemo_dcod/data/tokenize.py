@@ -126,7 +126,8 @@ class TraceTokenizer:
             content = (0, 0)
             for i in turns:
                 pre = self._render(msgs[:i], True)
-                upto = self._render(msgs[: i + 1], False)
+                # The last turn's render is the full text (one jinja render less per trace).
+                upto = full if i == len(msgs) - 1 else self._render(msgs[: i + 1], False)
                 if not (upto.startswith(pre) and full.startswith(upto)):
                     raise RecordError(
                         "template_error",

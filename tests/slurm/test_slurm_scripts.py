@@ -239,9 +239,18 @@ def test_70b_recipe_layout_passes_sbatch_test_only(slurm_cluster: LocalSlurm) ->
         "PREPARE_CONFIG": "conf/prepare_tiny.yaml",
         "EVAL_CONFIG": "conf/eval_tiny.yaml",
     }
-    full = slurm_cluster.run(["bash", "slurm/distill_70b_to_8b.sh"], check=False, env=env)
+    # With nemo-dcod installed the driver first dry-runs the train stage: layout and memory per GPU.
+    full = slurm_cluster.run(
+        ["bash", "slurm/distill_70b_to_8b.sh"], check=False, env={**env, "NEMO_DCOD": NEMO_DCOD}
+    )
     assert full.returncode == 0, full.stdout + full.stderr
-    lines = {line.split(":")[0]: line for line in full.stdout.splitlines()}
+    assert re.search(r"^train: llama3.1 8b, 32 ranks = TP 2 x PP 1 x CP 1 x DP 16", full.stdout, re.M), (
+        full.stdout
+    )
+    assert re.search(
+        r"^memory estimate per GPU \(training.*: [\d.]+ GiB .* fits in 72 GiB", full.stdout, re.M
+    )
+    lines = dict(re.findall(r"^(score|train|export|eval): (ok .*)$", full.stdout, re.M))
     assert sorted(lines) == ["eval", "export", "score", "train"], full.stdout
     gpus = "--ntasks-per-node=8 --gpus-per-node=8 --exclusive"
     assert "--nodes=2 " in lines["score"] and gpus in lines["score"], lines
@@ -252,6 +261,16 @@ def test_70b_recipe_layout_passes_sbatch_test_only(slurm_cluster: LocalSlurm) ->
     for too_big in ({"TRAIN_NODES": "5"}, {"GPUS_PER_NODE": "9", "SCORE_TP": "9"}):
         proc = slurm_cluster.run(["bash", "slurm/distill_70b_to_8b.sh"], check=False, env={**env, **too_big})
         assert proc.returncode != 0 and "cannot run this layout" in proc.stderr, (too_big, proc.stderr)
+    # A layout whose estimate exceeds the GPUs' memory is refused before anything is submitted.
+    unsharded = {
+        "NEMO_DCOD": NEMO_DCOD,
+        "TRAIN_TP": "1",
+        "TRAIN_OVERRIDES": "parallel.sequence_parallel=false",
+    }
+    proc = slurm_cluster.run(["bash", "slurm/distill_70b_to_8b.sh"], check=False, env={**env, **unsharded})
+    assert "DOES NOT FIT" in proc.stdout and "not runnable as configured" in proc.stderr, (
+        proc.stdout + proc.stderr
+    )
 
 
 def test_70b_recipe_runs_end_to_end_with_tiny_sizes(

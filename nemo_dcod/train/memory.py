@@ -1,0 +1,371 @@
+"""Per-GPU memory estimate of a parallel layout, printed before a job asks a cluster for GPUs.
+
+A 70B teacher or an 8B student at 8k tokens either fits an 80 GB H100 in a given layout or dies
+with an out-of-memory error minutes into the job, after the queue wait. This module gives the
+number first, from the architecture and the layout alone (no GPU, no weights):
+
+* **Parameters per rank** are exact: the largest pipeline stage's share after tensor-parallel
+  splitting (embedding and output layer split over the vocabulary, QKV / FC1 over heads / width,
+  norms replicated). A test checks them against the parameter count of a megatron-core model.
+* **Weights, gradients, optimizer state**: Megatron's mixed precision keeps bf16 weights, fp32
+  gradient buffers and, in Adam, fp32 master weights + two moments: 2 + 4 + 12 bytes per
+  parameter; the distributed optimizer splits the 12 over data-parallel ranks (its docs' "6 + 12/d").
+  fp32 training: 4 + 4 + 8.
+* **Activations** follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models", §4), generalised to grouped-query attention and a gated MLP: per layer and
+  micro-batch, the tensors saved for backward, divided by TP where tensor/sequence parallelism
+  splits them, with the ``5·a·s²·b`` attention-score term only without a fused (flash) kernel.
+  The first pipeline stage holds the most micro-batches in flight: ``PP`` under 1F1B, times
+  ``1 + (PP - 1) / (PP · VPP)`` with interleaving (Megatron-LM's ``theoretical_memory_usage``).
+* **Logits**: the output layer's ``[s, b, V/TP]`` activation plus the loss's fp32 work space
+  (a chunk of rows at a time with ``loss.chunk_size``).
+
+What it leaves out, and why a margin is kept (:data:`H100_USABLE_GIB`): the CUDA context and
+NCCL buffers (1-3 GiB), allocator fragmentation, Transformer Engine's FP8 weight copies and
+workspaces. It is an estimate to choose a layout with, not a guarantee: measure with
+``torch.cuda.max_memory_allocated`` on the first steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "H100_USABLE_GIB",
+    "USABLE_GIB_ENV",
+    "Architecture",
+    "Layout",
+    "MemoryEstimate",
+    "dry_run_train",
+    "forward_memory",
+    "layers_per_stage",
+    "parameters_per_rank",
+    "train_estimate",
+    "train_memory",
+    "usable_gib",
+]
+
+GIB = 1024**3
+H100_USABLE_GIB = 72.0
+"""Of an 80 GB H100's 79.6 GiB: what a layout may plan for, leaving the context, NCCL and fragmentation."""
+USABLE_GIB_ENV = "DCOD_GPU_MEMORY_GIB"
+"""Environment variable overriding :data:`H100_USABLE_GIB` in dry runs (e.g. 130 for an H200)."""
+
+
+def usable_gib() -> float:
+    """GiB per GPU a dry run plans for: ``$DCOD_GPU_MEMORY_GIB``, else :data:`H100_USABLE_GIB`."""
+    import os
+
+    value = os.environ.get(USABLE_GIB_ENV)
+    try:
+        return float(value) if value else H100_USABLE_GIB
+    except ValueError:
+        raise ValueError(
+            f"{USABLE_GIB_ENV}={value!r}: expected GiB per GPU, e.g. 72 (H100 80GB) or 130 (H200)."
+        ) from None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shape of a GPT model, as megatron-core's ``TransformerConfig`` names it."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    padded_vocab_size: int
+    gated_linear_unit: bool = True
+    add_qkv_bias: bool = False
+    add_bias_linear: bool = False
+    qk_layernorm: bool = False
+    share_embeddings_and_output_weights: bool = False
+    layernorm_has_bias: bool = False
+    """LayerNorm (bias) vs RMSNorm (none)."""
+
+    @classmethod
+    def of(cls, config: Any, padded_vocab_size: int | None = None) -> Architecture:
+        """From a NeMo / megatron-core ``GPTConfig`` (an instance, or any object with its fields)."""
+        heads = int(config.num_attention_heads)
+        groups = getattr(config, "num_query_groups", None) or heads
+        kv = getattr(config, "kv_channels", None) or int(config.hidden_size) // heads
+        vocab = padded_vocab_size or getattr(config, "vocab_size", None)
+        if not vocab:
+            raise ValueError("Architecture.of: the config has no vocab_size; pass padded_vocab_size.")
+        return cls(
+            num_layers=int(config.num_layers),
+            hidden_size=int(config.hidden_size),
+            ffn_hidden_size=int(config.ffn_hidden_size),
+            num_attention_heads=heads,
+            num_query_groups=int(groups),
+            kv_channels=int(kv),
+            padded_vocab_size=int(vocab),
+            gated_linear_unit=bool(getattr(config, "gated_linear_unit", False)),
+            add_qkv_bias=bool(getattr(config, "add_qkv_bias", False)),
+            add_bias_linear=bool(getattr(config, "add_bias_linear", False)),
+            qk_layernorm=bool(getattr(config, "qk_layernorm", False)),
+            share_embeddings_and_output_weights=bool(
+                getattr(config, "share_embeddings_and_output_weights", False)
+            ),
+            layernorm_has_bias=getattr(config, "normalization", "RMSNorm") == "LayerNorm",
+        )
+
+    def layer_parameters(self, tp: int) -> int:
+        """Parameters of one transformer layer on one tensor-parallel rank."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
+        qkv_out = (self.num_attention_heads + 2 * self.num_query_groups) * d
+        norm = h * (2 if self.layernorm_has_bias else 1)
+        split = h * qkv_out + self.num_attention_heads * d * h  # QKV (column) + projection (row)
+        split += h * f * (2 if self.gated_linear_unit else 1) + f * h  # FC1 (column) + FC2 (row)
+        if self.add_qkv_bias or self.add_bias_linear:
+            split += qkv_out
+        if self.add_bias_linear:
+            split += f * (2 if self.gated_linear_unit else 1)
+        replicated = 2 * norm  # pre-attention and pre-MLP norms
+        if self.add_bias_linear:
+            replicated += 2 * h  # row-parallel biases are added after the all-reduce
+        if self.qk_layernorm:
+            replicated += 2 * d * (2 if self.layernorm_has_bias else 1)
+        return split // tp + replicated
+
+    def total_parameters(self) -> int:
+        """Parameters of the whole model (padded vocabulary included)."""
+        return parameters_per_rank(self, 1, 1, 0)
+
+
+def layers_per_stage(num_layers: int, pp: int) -> list[int]:
+    """Transformer layers on each pipeline stage (megatron-core splits evenly; PP divides layers)."""
+    return [num_layers // pp + (1 if s < num_layers % pp else 0) for s in range(pp)]
+
+
+def parameters_per_rank(arch: Architecture, tp: int, pp: int, stage: int) -> int:
+    """Parameters held by one rank of pipeline stage ``stage`` (tensor-parallel shard).
+
+    The first stage holds the embedding, the last the final norm and the output layer; with tied
+    weights and ``pp == 1`` they are one tensor (with ``pp > 1`` Megatron keeps a copy on the last
+    stage and all-reduces its gradient with the first).
+    """
+    h = arch.hidden_size
+    vocab_shard = arch.padded_vocab_size // tp * h
+    count = layers_per_stage(arch.num_layers, pp)[stage] * arch.layer_parameters(tp)
+    if stage == 0:
+        count += vocab_shard
+    if stage == pp - 1:
+        count += h * (2 if arch.layernorm_has_bias else 1)
+        if not (arch.share_embeddings_and_output_weights and pp == 1):
+            count += vocab_shard
+    return count
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a job runs the model: parallel sizes, batch, precision."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    data_parallel_size: int = 1
+    sequence_parallel: bool = False
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    num_microbatches: int = 1
+    """Micro-batches per step and data-parallel rank (global batch / (micro batch x DP))."""
+    bf16: bool = True
+    distributed_optimizer: bool = False
+    fused_attention: bool = True
+    """Flash / cuDNN attention (Transformer Engine): no ``[s, s]`` score tensors are stored."""
+    loss_chunk_rows: int | None = None
+    """Rows of logits the loss works on at a time (``loss.chunk_size``); None: all."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU on the most loaded rank, by kind."""
+
+    what: str
+    parameters: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        """Everything above, in bytes."""
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+    def fits(self, usable: float = H100_USABLE_GIB) -> bool:
+        """Whether the total stays within ``usable`` GiB."""
+        return self.total <= usable * GIB
+
+    def describe(self, usable: float = H100_USABLE_GIB) -> str:
+        """A few lines for the console."""
+        parts = ("weights", "gradients", "optimizer", "activations", "logits")
+        body = ", ".join(f"{p} {getattr(self, p) / GIB:.1f}" for p in parts if getattr(self, p))
+        verdict = "fits" if self.fits(usable) else "DOES NOT FIT"
+        return (
+            f"memory estimate per GPU ({self.what}): {self.total / GIB:.1f} GiB "
+            f"[{body}] for {self.parameters / 1e9:.2f}B parameters on the largest rank; "
+            f"{verdict} in {usable:g} GiB per GPU"
+            + (" (an 80 GB H100 less context, NCCL and fragmentation)" if usable == H100_USABLE_GIB else "")
+        )
+
+
+def _layer_activation_bytes(arch: Architecture, layout: Layout) -> float:
+    """Bytes one layer keeps for backward per micro-batch; also about its forward working set."""
+    tp, cp = layout.tensor_model_parallel_size, layout.context_parallel_size
+    s, b = layout.seq_length / cp, layout.micro_batch_size
+    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
+    a, g = arch.num_attention_heads, arch.num_query_groups
+    e = 2 if layout.bf16 else 4  # bytes of an activation element
+    sp = tp if layout.sequence_parallel else 1
+    # Tensors of hidden width that only sequence parallelism splits: the two norm inputs, and
+    # the two residual dropout masks (1 byte each).
+    unsplit = s * b * h * (2 * e + 2) / sp
+    qkv = s * b * (a + 2 * g) * d * e  # Q, K, V saved for the attention backward
+    attention = s * b * h * e * 2 + qkv + s * b * a * d * e  # QKV input, QKV, context (proj input)
+    fc1_out = s * b * f * (2 if arch.gated_linear_unit else 1)
+    mlp = s * b * h * e + fc1_out * e + s * b * f * e  # FC1 input, FC1 output, activation output
+    split = attention + mlp
+    if not layout.fused_attention:
+        split += 5 * a * s * s * b * (e / 2)  # scores, softmax (2 B each in bf16), dropout mask
+    return unsplit + split / tp
+
+
+def _logit_bytes(arch: Architecture, layout: Layout, *, training: bool) -> float:
+    tp, cp = layout.tensor_model_parallel_size, layout.context_parallel_size
+    rows = layout.seq_length / cp * layout.micro_batch_size
+    shard = arch.padded_vocab_size / tp
+    chunk = min(rows, layout.loss_chunk_rows or rows)
+    stored = rows * shard * (2 if layout.bf16 else 4)  # the output layer's logits, kept for backward
+    work = chunk * shard * 4 * (2 if training else 1)  # fp32 log-softmax (+ its gradient)
+    return stored + work
+
+
+def train_memory(arch: Architecture, layout: Layout) -> MemoryEstimate:
+    """Per-GPU memory of training ``arch`` in ``layout`` with Megatron's Adam (see the module doc)."""
+    tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+    counts = [parameters_per_rank(arch, tp, pp, stage) for stage in range(pp)]
+    params = max(counts)
+    weight_bytes, grad_bytes, optim_bytes = (2, 4, 12) if layout.bf16 else (4, 4, 8)
+    if layout.distributed_optimizer:
+        optim_bytes /= layout.data_parallel_size  # type: ignore[assignment]
+    in_flight: float = min(pp, layout.num_microbatches)
+    vpp = layout.virtual_pipeline_model_parallel_size
+    if vpp and pp > 1:
+        in_flight *= 1 + (pp - 1) / (pp * vpp)
+    layers = layers_per_stage(arch.num_layers, pp)[0]
+    embedding_out = (
+        layout.seq_length / layout.context_parallel_size * layout.micro_batch_size * arch.hidden_size
+    )
+    activations = in_flight * (
+        layers * _layer_activation_bytes(arch, layout) + embedding_out * (2 if layout.bf16 else 4)
+    )
+    return MemoryEstimate(
+        what=f"training, TP={tp} PP={pp} CP={layout.context_parallel_size} DP={layout.data_parallel_size}",
+        parameters=params,
+        weights=params * weight_bytes,
+        gradients=params * grad_bytes,
+        optimizer=params * optim_bytes,
+        activations=activations,
+        logits=_logit_bytes(arch, layout, training=True),
+    )
+
+
+def forward_memory(arch: Architecture, layout: Layout) -> MemoryEstimate:
+    """Per-GPU memory of a forward-only pass (``score``): weights, one layer's working set, logits."""
+    tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+    params = max(parameters_per_rank(arch, tp, pp, stage) for stage in range(pp))
+    return MemoryEstimate(
+        what=f"forward only, TP={tp} PP={pp} DP={layout.data_parallel_size}",
+        parameters=params,
+        weights=params * (2 if layout.bf16 else 4),
+        gradients=0.0,
+        optimizer=0.0,
+        # Nothing is kept across layers without a backward: one layer's working set at a time.
+        activations=_layer_activation_bytes(arch, layout),
+        logits=_logit_bytes(arch, layout, training=False),
+    )
+
+
+def train_estimate(cfg: Any, gpt_config: Any) -> MemoryEstimate:
+    """:func:`train_memory` of a :class:`~nemo_dcod.train.config.TrainConfig` and its built ``GPTConfig``."""
+    from nemo_dcod.model.families import have_transformer_engine
+
+    p, t = cfg.parallel, cfg.trainer
+    dp = cfg.data_parallel_size
+    layout = Layout(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        data_parallel_size=dp,
+        sequence_parallel=p.sequence_parallel,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=t.micro_batch_size,
+        num_microbatches=max(1, t.global_batch_size // (t.micro_batch_size * dp)),
+        bf16=cfg.precision.dtype == "bf16",
+        distributed_optimizer=cfg.use_distributed_optimizer,
+        fused_attention=cfg.model.spec == "te" or (cfg.model.spec == "auto" and have_transformer_engine()),
+        loss_chunk_rows=cfg.loss.chunk_size,
+    )
+    return train_memory(Architecture.of(gpt_config), layout)
+
+
+def dry_run_train(cfg: Any) -> int:
+    """``nemo-dcod train --dry-run``: validate as on the job's machine, print layout and memory.
+
+    A bf16 / FP8 / Transformer Engine config is validated as for a GPU node (where it will run),
+    anything else as for this machine. Nothing is built but the architecture's numbers.
+
+    Returns:
+        0, or 1 when the estimate exceeds :func:`usable_gib` (the layout needs changing first).
+
+    Raises:
+        ConfigError: every problem of the config, at once.
+    """
+    from nemo_dcod.config import ConfigError
+    from nemo_dcod.model.families import build_gpt_config
+    from nemo_dcod.train.config import padded_vocab_size
+
+    gpu_target = cfg.precision.dtype != "fp32" or cfg.precision.fp8 is not None or cfg.model.spec == "te"
+    problems = cfg.problems(has_gpu=True if gpu_target else None, check_paths=False)
+    if problems:
+        raise ConfigError(problems, "dry run")
+    p = cfg.parallel
+    gpt_config = build_gpt_config(
+        cfg.model.family,
+        cfg.model.size,
+        padded_vocab_size=padded_vocab_size(cfg.data.vocab_size, p.tensor_model_parallel_size),
+        seq_length=cfg.data.seq_length,
+        parallel={},
+        precision={},
+        overrides=cfg.model.overrides(),
+        use_te=False,  # the architecture's numbers only; no layer is built
+    )
+    try:
+        usable = usable_gib()
+    except ValueError as exc:
+        raise ConfigError([str(exc)], "environment") from None
+    estimate = train_estimate(cfg, gpt_config)
+    tp = p.tensor_model_parallel_size
+    print(
+        f"train: {cfg.model.family} {cfg.model.size}, {cfg.world_size} ranks = TP {tp}"
+        f" x PP {p.pipeline_model_parallel_size} x CP {p.context_parallel_size} x DP {cfg.data_parallel_size}"
+        f"{' (sequence parallel)' if p.sequence_parallel else ''}, {cfg.data.seq_length}-token rows, "
+        f"micro-batch {cfg.trainer.micro_batch_size}, global batch {cfg.trainer.global_batch_size}, "
+        f"{cfg.precision.dtype}{' + FP8 ' + str(cfg.precision.fp8) if cfg.precision.fp8 else ''}, "
+        f"distributed optimizer {'on' if cfg.use_distributed_optimizer else 'off'}: config ok"
+    )
+    print(estimate.describe(usable))
+    if not estimate.fits(usable):
+        print(
+            "train: change the layout (more tensor / pipeline parallelism, sequence parallel, a smaller "
+            f"micro-batch, the distributed optimizer) or set {USABLE_GIB_ENV} for larger GPUs."
+        )
+        return 1
+    return 0
