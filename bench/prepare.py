@@ -19,7 +19,11 @@ Hugging Face fast tokenizer with a ChatML template, so that the per-token cost i
 subword tokenizer. Timings: the median of ``--repeats`` runs of each side, interleaved (A B B A ...)
 so a change in background load hits both; every prepare run writes a fresh store.
 
-Run from the repository root: ``.venv/bin/python bench/prepare.py`` (about 2 minutes on 2 cores);
+The scored model: a random Llama (4 layers, width 256, GQA 8/2 heads) with the same tokenizer,
+imported through ``nemo-dcod import``; 48 packed rows of 1024 tokens, micro-batches of 2, fp32,
+one process (TP = PP = 1; the layouts' equality is a test, not a benchmark).
+
+Run from the repository root: ``.venv/bin/python bench/prepare.py`` (a few minutes on 2 cores);
 ``--quick`` for a smoke test. The last line is ``RESULT prepare_ratio=<x> score_ratio=<y>``.
 """
 
@@ -166,6 +170,91 @@ def bench_prepare(work: Path, records: int, workers: int, repeats: int) -> float
     return ratio
 
 
+def make_teacher(tokenizer: Path, out: Path) -> Path:
+    """A small random Llama (4 layers, width 256) with ``tokenizer``, imported to NeMo 2."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from nemo_dcod.config import load_config
+    from nemo_dcod.convert.config import ImportConfig
+    from nemo_dcod.convert.hf_import import run_import
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = out / "hf"
+    AutoModelForCausalLM.from_config(config).save_pretrained(hf, safe_serialization=True)
+    tok.save_pretrained(hf)
+    run_import(load_config(ImportConfig, None, [f"hf={hf}", f"out={out / 'nemo'}", "verify.enabled=false"]))
+    return out / "nemo"
+
+
+def bench_score(work: Path, repeats: int, rows: int) -> float:
+    """Scoring tokens/s (``run_score``, in this process) over a bare forward of the same rows."""
+    import torch
+
+    from nemo_dcod.config import load_config
+    from nemo_dcod.convert.verify import load_nemo_model, megatron_parallel, pipeline_forward
+    from nemo_dcod.data.store import PackedStore
+    from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
+    from nemo_dcod.score.config import ScoreConfig
+    from nemo_dcod.score.run import micro_batches_of, run_score
+
+    enable_cpu_mode()
+    records = make_records(rows * 4, seed=1)  # ~4 documents per 1024-token row
+    (work / "score_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    unscored = work / "score_store"
+    time_prepare(work / "score_records.jsonl", work / "tokenizer", unscored, 1, 1024)
+    checkpoint = make_teacher(work / "tokenizer", work / "teacher")
+    mbs = 2
+    store = PackedStore(unscored)
+    tokens = len(store) * 1024
+
+    def bare() -> float:
+        with megatron_parallel(1):
+            mcore, _ = load_nemo_model(checkpoint, torch.float32)
+            batches = micro_batches_of(store, range(len(store) - len(store) % mbs), mbs, "cpu")
+            start = time.perf_counter()
+            pipeline_forward(mcore, batches, lambda logits, batch: None)
+            return (len(batches) * mbs * 1024) / (time.perf_counter() - start)
+
+    def scored() -> float:
+        target = work / "scored_store"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(unscored, target)
+        cfg = load_config(
+            ScoreConfig,
+            None,
+            [f"checkpoint={checkpoint}", f"store={target}", "topk=8", f"trainer.micro_batch_size={mbs}"],
+        )
+        summary = run_score(cfg)  # its tokens/s: the scoring loop (forward + columns + writes)
+        seconds = summary["tokens"] / summary["tokens_per_second"]  # it counts non-padding tokens
+        return float(summary["rows"] * 1024 / seconds)  # positions, as the bare forward counts them
+
+    ours: list[float] = []
+    plain: list[float] = []
+    for i, side in enumerate(["score", "bare", *(["score", "bare", "bare", "score"] * ((repeats + 1) // 2))]):
+        rate = scored() if side == "score" else bare()
+        if i >= 2:
+            (ours if side == "score" else plain).append(rate)
+        print(f"  {side:<8} {tokens} tokens: {rate:,.0f} tokens/s", flush=True)
+    ratio = statistics.median(ours) / statistics.median(plain)
+    print(
+        f"score: {statistics.median(ours):,.0f} tokens/s (run_score, top-8, written) vs "
+        f"{statistics.median(plain):,.0f} tokens/s (bare forward, logits discarded): {ratio:.3f}x"
+    )
+    return ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=4000)
@@ -178,7 +267,8 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         prepare_ratio = bench_prepare(Path(tmp), args.records, args.workers, args.repeats)
-    print(f"RESULT prepare_ratio={prepare_ratio:.3f}")
+        score_ratio = bench_score(Path(tmp), args.repeats, rows=16 if args.quick else 48)
+    print(f"RESULT prepare_ratio={prepare_ratio:.3f} score_ratio={score_ratio:.3f}")
     sys.stdout.flush()
 
 

@@ -29,9 +29,7 @@ _CONVERT_ERRORS = (
 )
 
 # Stages that later work items add; until then they say so and exit non-zero.
-PENDING = {
-    "score": "teacher log-probs (and top-k) into the store",
-}
+PENDING: dict[str, str] = {}
 
 
 # stage -> (help, config schema, stage function, user errors: "module:name" each, imported on use).
@@ -61,6 +59,12 @@ _STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
         "nemo_dcod.data.prepare:run_prepare",
         ("nemo_dcod.data.readers:DataError",),
     ),
+    "score": (
+        "a NeMo 2 checkpoint, forward only at any TP/PP/DP -> teacher log-probs (and top-k) into the store",
+        "nemo_dcod.score.config:ScoreConfig",
+        "nemo_dcod.score.run:run_score",
+        ("nemo_dcod.data.readers:DataError",),
+    ),
     "import": (
         "a Hugging Face checkpoint -> NeMo 2 (--hf DIR --out DIR), verified",
         "nemo_dcod.convert.config:ImportConfig",
@@ -80,6 +84,7 @@ _STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
 # estimate, run nothing (before asking a cluster for GPUs).
 DRY_RUNS: dict[str, str] = {
     "train": "nemo_dcod.train.memory:dry_run_train",
+    "score": "nemo_dcod.train.memory:dry_run_score",
 }
 
 

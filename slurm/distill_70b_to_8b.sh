@@ -21,10 +21,10 @@
 # `bash slurm/distill_70b_to_8b.sh` submits the same four jobs from the login node, without the
 # driver job. A failed stage cancels the stages after it (--kill-on-invalid-dep).
 #
-# CLI stages it needs: `nemo-dcod prepare`, `import`, `train`, `export`, `eval` (present) and
-# `score` (not yet: its keys below follow train's and must be checked when it lands). A stage the
-# installed nemo-dcod does not have fails its job, unless ALLOW_MISSING_STAGES=1, which logs it as
-# skipped (training then uses the log-probs the traces already carry, e.g. the generation engine's).
+# Before submitting, the driver dry-runs the score and train stages as configured (`--dry-run`:
+# sizes that divide, the parallel layout, a per-GPU memory estimate against DCOD_GPU_MEMORY_GIB,
+# 72 GiB of an 80 GB H100 by default) and stops on a problem. A stage the installed nemo-dcod does
+# not have fails its job, unless ALLOW_MISSING_STAGES=1, which logs it as skipped.
 #
 # Preemption: Slurm sends SIGUSR1 to the batch shell 300 s before the time limit (B: = the batch
 # shell alone, so the helper processes of Megatron's checkpoint writer are not hit; override with
@@ -39,7 +39,8 @@
 #              nodes with CPU_TASKS_PER_NODE ranks each), CPUS_PER_TASK, CONTAINER_IMAGE (pyxis,
 #              e.g. nvcr.io#nvidia/nemo:25.07; unset: none), CONTAINER_MOUNTS, STAGES
 #   data       STORE (the packed store), PREPARE_CONFIG (+ PREPARE_OVERRIDES)
-#   1 score    TEACHER_NEMO, TEACHER_HF, SCORE_CONFIG, SCORE_NODES, SCORE_TP, SCORE_PP, SCORE_TIME
+#   1 score    TEACHER_NEMO, TEACHER_HF, SCORE_CONFIG, SCORE_NODES, SCORE_TP, SCORE_PP, SCORE_TIME,
+#              SCORE_OVERRIDES (more key=value words)
 #   2 train    TRAIN_CONFIG, TRAIN_NODES, TRAIN_TIME, STUDENT_NEMO (NeMo 2 checkpoint to start from;
 #              empty: random init), STUDENT_HF (imported into STUDENT_NEMO first), TRAIN_TP, TRAIN_PP,
 #              TRAIN_CP, TRAIN_STEPS, TRAIN_GLOBAL_BATCH, TRAIN_MICRO_BATCH (empty: the config's),
@@ -92,6 +93,7 @@ SCORE_NODES=${SCORE_NODES:-2}
 SCORE_TP=${SCORE_TP:-8}
 SCORE_PP=${SCORE_PP:-1}
 SCORE_TIME=${SCORE_TIME:-08:00:00}
+SCORE_OVERRIDES=${SCORE_OVERRIDES:-}
 # 2 train
 TRAIN_CONFIG=${TRAIN_CONFIG:-conf/distill_llama8b.yaml}
 TRAIN_NODES=${TRAIN_NODES:-4}
@@ -117,11 +119,19 @@ EVAL_OVERRIDES=${EVAL_OVERRIDES:-}
 DCOD_TEST_ONLY=${DCOD_TEST_ONLY:-0}
 export RUN_ROOT LOG_DIR NEMO_DCOD STAGES ALLOW_MISSING_STAGES GPUS_PER_NODE CPU_TASKS_PER_NODE \
   CPUS_PER_TASK CONTAINER_IMAGE CONTAINER_MOUNTS STORE PREPARE_CONFIG PREPARE_OVERRIDES TEACHER_NEMO \
-  TEACHER_HF SCORE_CONFIG SCORE_NODES SCORE_TP SCORE_PP TRAIN_CONFIG TRAIN_NODES STUDENT_NEMO STUDENT_HF \
+  TEACHER_HF SCORE_CONFIG SCORE_NODES SCORE_TP SCORE_PP SCORE_OVERRIDES TRAIN_CONFIG TRAIN_NODES STUDENT_NEMO STUDENT_HF \
   TRAIN_TP TRAIN_PP TRAIN_CP TRAIN_STEPS TRAIN_GLOBAL_BATCH TRAIN_MICRO_BATCH TRAIN_OVERRIDES HF_OUT \
   NEMO_OUT TOKENIZER EVAL_CONFIG EVAL_LABEL EVAL_OUT EVAL_OVERRIDES
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# The score stage's key=value overrides, in the array `overrides`.
+score_overrides() {
+  overrides=(store="$STORE" checkpoint="$TEACHER_NEMO" parallel.tensor_model_parallel_size="$SCORE_TP"
+    parallel.pipeline_model_parallel_size="$SCORE_PP")
+  # shellcheck disable=SC2206  # SCORE_OVERRIDES is a list of key=value words
+  overrides+=($SCORE_OVERRIDES)
+}
 
 # The train stage's key=value overrides, in the array `overrides` (the driver's dry run uses them too).
 train_overrides() {
@@ -149,6 +159,9 @@ submit_stages() {
     problems+=("SCORE_NODES x tasks per node = $((SCORE_NODES * tasks_per_node)) ranks is not a multiple of SCORE_TP x SCORE_PP = $((SCORE_TP * SCORE_PP))")
   ((GPUS_PER_NODE == 0 || SCORE_TP <= GPUS_PER_NODE)) ||
     problems+=("SCORE_TP=$SCORE_TP > GPUS_PER_NODE=$GPUS_PER_NODE: keep tensor parallelism within a node (NVLink), use SCORE_PP across nodes")
+  [[ -f $SCORE_CONFIG ]] || ! has score || problems+=("SCORE_CONFIG=$SCORE_CONFIG not found")
+  [[ -d $TEACHER_NEMO || -n $TEACHER_HF ]] || ! has score ||
+    problems+=("TEACHER_NEMO=$TEACHER_NEMO not found: import the teacher (nemo-dcod import --hf DIR --out DIR), or set TEACHER_HF to have the score job import it")
   [[ -f $TRAIN_CONFIG ]] || ! has train || problems+=("TRAIN_CONFIG=$TRAIN_CONFIG not found")
   [[ -z $STUDENT_NEMO || -d $STUDENT_NEMO || -n $STUDENT_HF ]] || ! has train ||
     problems+=("STUDENT_NEMO=$STUDENT_NEMO not found: import the student (nemo-dcod import, or set STUDENT_HF), or STUDENT_NEMO= for a random initialisation")
@@ -160,21 +173,31 @@ submit_stages() {
     printf 'distill_70b_to_8b.sh: %s\n' "${problems[@]}" >&2
     ((DCOD_TEST_ONLY)) || exit 2
   fi
-  # The training layout as the job will see it, validated, with its per-GPU memory estimate
-  # (no GPU needed; DCOD_GPU_MEMORY_GIB sets the limit, 72 GiB for an 80 GB H100). Skipped where
-  # nemo-dcod is not installed outside the container.
-  if has train && [[ -f $TRAIN_CONFIG ]]; then
-    if command -v "$NEMO_DCOD" >/dev/null; then
-      train_overrides
-      "$NEMO_DCOD" train --config "$TRAIN_CONFIG" --dry-run "${overrides[@]}" \
-        trainer.devices="$tasks_per_node" trainer.num_nodes="$TRAIN_NODES" || {
-        echo "distill_70b_to_8b.sh: the train stage's layout is not runnable as configured (above)" >&2
-        ((DCOD_TEST_ONLY)) || exit 2
-      }
-    else
-      echo "train: dry run skipped ($NEMO_DCOD is not installed here)" >&2
+  # Each stage's layout as its job will see it, validated, with its per-GPU memory estimate (no
+  # GPU needed; score reads the teacher checkpoint's config). Skipped where nemo-dcod is not
+  # installed outside the container.
+  local dry_stage dry_config dry_nodes
+  for dry_stage in score train; do
+    has "$dry_stage" || continue
+    if ! command -v "$NEMO_DCOD" >/dev/null; then
+      echo "$dry_stage: dry run skipped ($NEMO_DCOD is not installed here)" >&2
+      continue
     fi
-  fi
+    if [[ $dry_stage == score ]]; then
+      [[ -d $TEACHER_NEMO ]] || continue # reported above, or imported from TEACHER_HF by the job
+      score_overrides
+      dry_config=$SCORE_CONFIG dry_nodes=$SCORE_NODES
+    else
+      train_overrides
+      dry_config=$TRAIN_CONFIG dry_nodes=$TRAIN_NODES
+    fi
+    [[ -f $dry_config ]] || continue # reported above
+    "$NEMO_DCOD" "$dry_stage" --config "$dry_config" --dry-run "${overrides[@]}" \
+      trainer.devices="$tasks_per_node" trainer.num_nodes="$dry_nodes" || {
+      echo "distill_70b_to_8b.sh: the $dry_stage stage is not runnable as configured (above)" >&2
+      ((DCOD_TEST_ONLY)) || exit 2
+    }
+  done
   mkdir -p "$LOG_DIR"
   # A driver running as a job: its SLURM_* variables must not leak into the stage jobs' srun.
   local v
@@ -270,10 +293,10 @@ case $DCOD_STAGE in
       dcod_launch --single --log "$LOG_DIR/import_teacher.log" -- \
         "$NEMO_DCOD" import --hf "$TEACHER_HF" --out "$TEACHER_NEMO"
     fi
-    # The keys follow train's; check them against `nemo-dcod score` when it lands.
+    # Resumable: a requeued or re-submitted job skips the shards already scored.
+    score_overrides
     dcod_launch "${skip[@]}" --log "$LOG_DIR/score.log" -- \
-      "$NEMO_DCOD" score --config "$SCORE_CONFIG" store="$STORE" teacher="$TEACHER_NEMO" \
-      parallel.tensor_model_parallel_size="$SCORE_TP" parallel.pipeline_model_parallel_size="$SCORE_PP"
+      "$NEMO_DCOD" score --config "$SCORE_CONFIG" "${overrides[@]}"
     ;;
   train)
     if [[ -n $STUDENT_HF && -n $STUDENT_NEMO && ! -d $STUDENT_NEMO ]]; then

@@ -4,13 +4,14 @@
 # The stages of slurm/distill_70b_to_8b.sh on the tiny config, on CPU, through the same launcher
 # (launchers/slurm.sh), in one job across two nodes:
 #   prepare  examples/tiny traces -> packed store                       (1 task, first node)
-#   score    skipped while `nemo-dcod score` is not implemented (the traces carry the
-#            generation engine's log-probs, which the tiny store uses as the teacher signal)
+#   score    with TEACHER_NEMO set (a NeMo 2 checkpoint with the traces' tokenizer, e.g. from
+#            `nemo-dcod import`): its log-probs and top-4 replace the generation engine's in the
+#            store, data-parallel over the two nodes (each scores its own shards); unset: skipped,
+#            and the engine's log-probs the traces carry stay the teacher signal
 #   train    the tiny student, TP=2 across the two nodes (1 rank per node, gloo)
 #   export   the final checkpoint -> Hugging Face                          (1 task)
 #   eval     the exported model on the tiny benchmarks                     (1 task)
 # Stages run in order in this one job (a failure ends it); each has its log in $RUN_ROOT/logs/.
-# A stage the CLI does not have yet (exit 2, "not implemented yet") is logged as skipped.
 #
 # Preemption: SIGUSR1 to this batch shell (the --signal below, 60 s before the time limit, or
 # `scancel --batch --signal=USR1 <job>`) reaches the launcher sourced here, which has rank 0 stop
@@ -43,6 +44,9 @@ RUN_ROOT=${RUN_ROOT:-runs/slurm_tiny}
 STAGES=${STAGES:-prepare score train export eval}
 STORE=${STORE:-$RUN_ROOT/store}
 PREPARE_CONFIG=${PREPARE_CONFIG:-conf/prepare_tiny.yaml}
+TEACHER_NEMO=${TEACHER_NEMO:-}       # empty: no scoring (see above)
+SCORE_CONFIG=${SCORE_CONFIG:-conf/score_tiny.yaml}
+SCORE_OVERRIDES=${SCORE_OVERRIDES:-} # more key=value pairs, space-separated
 TRAIN_CONFIG=${TRAIN_CONFIG:-conf/train_store_tiny.yaml}
 TRAIN_TP=${TRAIN_TP:-2}            # tensor-parallel across the two nodes
 TRAIN_STEPS=${TRAIN_STEPS:-20}
@@ -66,8 +70,15 @@ fi
 
 if has score; then
   stage score
-  dcod_launch --single --skip-missing --log "$LOG_DIR/score.log" -- \
-    "$NEMO_DCOD" score store="$STORE"
+  if [[ -z $TEACHER_NEMO ]]; then
+    echo "score: skipped (TEACHER_NEMO is unset): the traces' generation log-probs are the teacher signal" >&2
+  else
+    # The teacher's own tokenizer (tokenizer=null) must map every id as the store's does (checked).
+    # shellcheck disable=SC2086  # SCORE_OVERRIDES is a list of key=value words
+    dcod_launch --log "$LOG_DIR/score.log" -- \
+      "$NEMO_DCOD" score --config "$SCORE_CONFIG" checkpoint="$TEACHER_NEMO" store="$STORE" what=teacher \
+      tokenizer=null overwrite=true parallel.tensor_model_parallel_size=1 $SCORE_OVERRIDES
+  fi
 fi
 
 if has train; then

@@ -9,15 +9,16 @@ above a tolerance set per parameter dtype (:data:`~nemo_dcod.convert.config.TOLE
 The NeMo side is loaded without Lightning: the model from the checkpoint's ``context/``, built by
 its config's ``configure_model`` under the current Megatron parallel state, and its weights read
 with ``megatron.core.dist_checkpointing`` from ``weights/`` (which reshards any saved TP/PP to the
-current one). So the same code runs in one process at TP = 1 and in every rank of a TP > 1 gloo
-group (:func:`nemo_logits` gathers the vocabulary shards). Only the models' forward runs: no
-optimizer, no data pipeline.
+current one). So the same code runs in one process at TP = 1 and in every rank of a TP x PP gloo
+group: :func:`nemo_logits` gathers the vocabulary shards, and with pipeline stages it runs
+Megatron's own forward-only schedule (:func:`pipeline_forward`), whose last stage returns the
+logits. Only the models' forward runs: no optimizer, no data pipeline, no gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "load_nemo_model",
     "megatron_parallel",
     "nemo_logits",
+    "pipeline_forward",
     "verification_rows",
 ]
 
@@ -163,11 +165,14 @@ def hf_logits(model: Any, rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def megatron_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234) -> Iterator[None]:
+def megatron_parallel(
+    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234
+) -> Iterator[None]:
     """Megatron's parallel state for a forward pass, in this process (and its gloo group).
 
-    Starts a one-process gloo group if none exists (and ends it afterwards); seeds the
-    model-parallel RNG tracker, which attention reads even without dropout. Call
+    Starts a one-process gloo group if none exists (and ends it afterwards); the world size must
+    be a multiple of TP x PP (the rest is data parallelism). Seeds the model-parallel RNG tracker,
+    which attention reads even without dropout. Call
     :func:`~nemo_dcod.parallel.cpu_mode.enable_cpu_mode` first on a machine without CUDA.
     """
     from megatron.core import parallel_state, tensor_parallel
@@ -177,7 +182,10 @@ def megatron_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234) -> 
         # An in-memory store: a TCP store leaves a server thread behind, and a process forked
         # later (the tests' gloo workers) could inherit one of its locks held.
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     try:
         yield
@@ -185,6 +193,30 @@ def megatron_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234) -> 
         parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _tied_embeddings_from_checkpoint() -> Iterator[None]:
+    """On CPU, skip the first/last-stage sync of tied embeddings while a model is built.
+
+    With tied input/output embeddings (Qwen) and PP > 1, megatron-core's
+    ``LanguageModule.setup_embeddings_and_output_layer`` copies the first stage's embedding to the
+    last stage's output layer with ``weight.data.cuda()`` and an all-reduce: a tensor method no
+    module-level shim reaches, so it fails without CUDA. Here the copy is not needed: both stages
+    load the same stored tensor right after (the last stage's ``output_layer.weight`` is mapped to
+    the embedding in the sharded state dict). Nothing changes on a GPU.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule._is_in_embd_group
+    LanguageModule._is_in_embd_group = lambda self: False
+    try:
+        yield
+    finally:
+        LanguageModule._is_in_embd_group = original
 
 
 def load_nemo_model(checkpoint: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
@@ -205,7 +237,7 @@ def load_nemo_model(checkpoint: Path, dtype: torch.dtype | None = None) -> tuple
     nemo_model = io.load_context(str(checkpoint), subpath="model")
     config = nemo_model.config
     config.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
-    config.pipeline_model_parallel_size = 1
+    config.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
     config.virtual_pipeline_model_parallel_size = None
     config.context_parallel_size = 1
     config.sequence_parallel = False
@@ -215,7 +247,14 @@ def load_nemo_model(checkpoint: Path, dtype: torch.dtype | None = None) -> tuple
         config.params_dtype = dtype
         config.bf16 = dtype == torch.bfloat16
         config.fp16 = dtype == torch.float16
-    mcore = config.configure_model(nemo_model.tokenizer)
+    # What travels between pipeline stages (p2p buffers), and how: one batched exchange per step.
+    config.pipeline_dtype = config.params_dtype
+    config.batch_p2p_comm, config.overlap_p2p_comm = True, False
+    # On CPU the schedule would free a stage's output while a gloo send may still read it
+    # (nemo_dcod.model.families explains it for training); forward-only keeps them anyway.
+    config.deallocate_pipeline_outputs = False
+    with _tied_embeddings_from_checkpoint():
+        mcore = config.configure_model(nemo_model.tokenizer)
     # NeMo 2 stores the model under "module." (MegatronParallel's prefix for one model chunk).
     sharded = mcore.sharded_state_dict(prefix="module.")
     loaded = dist_checkpointing.load(sharded, str(Path(checkpoint) / "weights"))
@@ -229,23 +268,97 @@ def load_nemo_model(checkpoint: Path, dtype: torch.dtype | None = None) -> tuple
 
 
 @torch.no_grad()
-def nemo_logits(mcore: Any, rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``[S, V_padded]`` float32 logits of a Megatron GPT model per row, vocabulary shards gathered."""
+def pipeline_forward(
+    mcore: Any,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    on_logits: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any],
+) -> list[Any]:
+    """Forward only through Megatron's pipeline schedule; ``on_logits`` runs on the last stage.
+
+    Every rank of the model-parallel group calls this with the same micro-batches (same shapes):
+    the first stage embeds ``tokens``, middle stages receive activations over p2p, and on the last
+    stage each micro-batch's vocab-parallel logits go to ``on_logits`` (no vocabulary gather, no
+    autograd graph, no loss). At PP = 1 the schedule is Megatron's no-pipelining one.
+
+    Args:
+        mcore: Megatron ``GPTModel`` built for the current parallel state (eval mode).
+        micro_batches: each ``tokens`` and ``position_ids`` ``[B, S]`` int64, optional
+            ``attention_mask`` ``[B, 1, S, S]`` bool (True = masked out; None: causal), and any
+            other key ``on_logits`` reads. All of one ``B`` and ``S``.
+        on_logits: ``(logits [B, S, V/TP], micro_batch) -> result``, on the last stage only.
+
+    Returns:
+        The results of ``on_logits`` in micro-batch order on the last pipeline stage; ``[]`` on
+        the other stages.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    shape = tuple(micro_batches[0]["tokens"].shape)
+    if any(tuple(b["tokens"].shape) != shape for b in micro_batches):
+        raise ValueError(
+            "pipeline_forward: micro-batches of one call must share [B, S] (p2p buffers are sized "
+            f"once); got {sorted({tuple(b['tokens'].shape) for b in micro_batches})}."
+        )
+
+    def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any) -> Any:
+        batch = next(data_iterator)
+        output = model(
+            input_ids=batch["tokens"],
+            position_ids=batch["position_ids"],
+            attention_mask=batch.get("attention_mask"),
+        )
+
+        def collect(output_tensor: torch.Tensor, non_loss_data: bool = True) -> Any:
+            del non_loss_data  # always True: collect_non_loss_data below
+            return on_logits(output_tensor, batch)
+
+        return output, collect
+
+    results: list[Any] = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[mcore],
+        num_microbatches=len(micro_batches),
+        seq_length=shape[1],
+        micro_batch_size=shape[0],
+        forward_only=True,
+        collect_non_loss_data=True,  # the last stage's results come back as they are
+    )
+    return list(results)
+
+
+@torch.no_grad()
+def nemo_logits(mcore: Any, rows: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """``[S, V_padded]`` float32 logits of a Megatron GPT model per row, vocabulary shards gathered.
+
+    Under pipeline parallelism the rows go through :func:`pipeline_forward` (one row per call:
+    rows may differ in length) and only the last stage has logits: the other stages return None.
+    """
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
     world = parallel_state.get_tensor_model_parallel_world_size()
-    out = []
-    for row in rows:
-        ids = row[None]
-        positions = torch.arange(ids.shape[1], dtype=torch.long)[None]
-        logits = mcore(input_ids=ids, position_ids=positions, attention_mask=None)[0].float()
+
+    def gather(logits: torch.Tensor, batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        logits = logits[0].float()
         if world > 1:
             shards = [torch.empty_like(logits) for _ in range(world)]
             dist.all_gather(shards, logits.contiguous(), group=group)
             logits = torch.cat(shards, dim=-1)
-        out.append(logits)
-    return out
+        return logits
+
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    out = []
+    for row in rows:
+        ids = row[None]
+        positions = torch.arange(ids.shape[1], dtype=torch.long)[None]
+        if pipelined:
+            out.extend(pipeline_forward(mcore, [{"tokens": ids, "position_ids": positions}], gather))
+        else:
+            out.append(gather(mcore(input_ids=ids, position_ids=positions, attention_mask=None)))
+    return out if out else None
 
 
 def compare_hf_nemo(
@@ -273,6 +386,7 @@ def compare_hf_nemo(
         mcore, nemo_model = load_nemo_model(nemo_checkpoint, compute)
         dtype = compute or nemo_model.config.params_dtype
         logits = nemo_logits(mcore, rows)
+        assert logits is not None  # one process: it is the last pipeline stage
         del mcore
     return compare_logits(reference, logits, dtype, settings.tolerance)
 
@@ -296,6 +410,8 @@ def compare_nemo_nemo(reference: Path, other: Path, settings: VerifySection) -> 
                 vocab = min(len(hf_tokenizer), int(nemo_model.config.vocab_size))
                 rows = verification_rows(hf_tokenizer, settings, vocab)
             dtype = compute or nemo_model.config.params_dtype
-            results.append(nemo_logits(mcore, rows))
+            logits = nemo_logits(mcore, rows)
+            assert logits is not None  # one process: it is the last pipeline stage
+            results.append(logits)
             del mcore
     return compare_logits(results[0], results[1], dtype, settings.tolerance)

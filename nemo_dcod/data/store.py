@@ -3,6 +3,8 @@
 Layout of a store directory (format ``nemo_dcod.packed_store``, version :data:`STORE_VERSION`)::
 
     manifest.json            written last, atomically: a store without it is incomplete
+    scoring.json             present only while ``score`` writes teacher columns: the store is
+                             incomplete until that run (or its resumption) finishes
     report.json              what prepare read, kept, skipped (by reason), packed
     shards/shard_00000/      one per input range; written to a temp dir, then renamed
         tokens.npy           [R, S] int32   token ids, documents back to back, then padding
@@ -12,6 +14,7 @@ Layout of a store directory (format ``nemo_dcod.packed_store``, version :data:`S
         teacher_topk_ids.npy, teacher_topk_logprobs.npy  [R, S, K] (written by ``score``)
         documents.npy        [D, 4] int64   (row, start, length, record index in its input)
         shard.json           the shard's key (inputs + settings + tokenizer), counts, skips
+        score.json           written by ``score`` after the shard's teacher columns: their key
 
 Every per-position column is aligned to the label, as the loss reads it: position ``t`` of a
 document holds token ``t`` as input and token ``t + 1`` as label. The last position of each
@@ -46,6 +49,7 @@ from nemo_dcod.data.readers import DataError
 from nemo_dcod.data.tokenize import Document
 
 __all__ = [
+    "SCORING_MARKER",
     "STORE_FORMAT",
     "STORE_VERSION",
     "IncompleteStoreError",
@@ -62,6 +66,8 @@ __all__ = [
 
 STORE_FORMAT = "nemo_dcod.packed_store"
 STORE_VERSION = 1
+SCORING_MARKER = "scoring.json"
+"""In the store's root while ``nemo-dcod score`` rewrites teacher columns (see :func:`read_manifest`)."""
 ROW_COLUMNS = {"tokens": "int32", "loss_mask": "uint8", "segment_ids": "int32"}
 TEACHER_COLUMNS = {
     "teacher_logprobs": "float32",
@@ -182,11 +188,17 @@ def write_shard(final: Path, shard: PackedShard, info: dict[str, Any]) -> None:
     os.rename(tmp, final)
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path, *, scoring: bool = False) -> dict[str, Any]:
     """The store's manifest.
 
+    Args:
+        path: the store directory.
+        scoring: accept a store whose teacher columns ``score`` is rewriting (:data:`SCORING_MARKER`
+            present): only ``score`` itself reads it so, to resume.
+
     Raises:
-        IncompleteStoreError: no manifest (prepare did not finish), or another format/version.
+        IncompleteStoreError: no manifest (prepare did not finish), another format/version, or a
+            scoring run that did not finish (some shards may hold the new columns, some the old).
     """
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.is_file():
@@ -198,6 +210,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise IncompleteStoreError(
             f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; this code reads "
             f"{STORE_FORMAT!r} version {STORE_VERSION}: re-run prepare."
+        )
+    marker = Path(path) / SCORING_MARKER
+    if not scoring and marker.is_file():
+        try:
+            started = json.loads(marker.read_text()).get("command", "nemo-dcod score")
+        except (OSError, ValueError):
+            started = "nemo-dcod score"
+        raise IncompleteStoreError(
+            f"{path}: `{started}` did not finish writing its teacher columns ({marker} is there), so "
+            "shards may disagree: re-run the same command to resume it."
         )
     return manifest
 
@@ -211,16 +233,24 @@ class PackedStore(Dataset[dict[str, torch.Tensor]]):
     mask: see :func:`collate_packed`. Shards are memory-mapped when first read (after a DataLoader
     worker forks, not before).
 
+    Args:
+        path: the store directory.
+        columns: read only these (e.g. ``tokens``, ``loss_mask``, ``segment_ids`` to score rows);
+            None: every column the manifest lists.
+        scoring: open a store that ``score`` is rewriting (see :func:`read_manifest`).
+
     Raises:
-        IncompleteStoreError: no manifest, or a shard missing or not matching the manifest.
+        IncompleteStoreError: no manifest, unfinished scoring, or a shard missing or not matching
+            the manifest.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, columns: Sequence[str] | None = None, scoring: bool = False) -> None:
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path, scoring=scoring)
         self.seq_length = int(self.manifest["seq_length"])
         self.pad_token_id = int(self.manifest["pad_token_id"])
-        self.columns = [name for name, spec in self.manifest["columns"].items() if spec is not None]
+        listed = [name for name, spec in self.manifest["columns"].items() if spec is not None]
+        self.columns = listed if columns is None else [name for name in listed if name in columns]
         self.shards = [s["name"] for s in self.manifest["shards"]]
         rows = [int(s["rows"]) for s in self.manifest["shards"]]
         self.offsets = np.cumsum([0, *rows])
@@ -257,6 +287,10 @@ class PackedStore(Dataset[dict[str, torch.Tensor]]):
             where = self.path / "shards" / self.shards[k]
             self._open[k] = {n: np.load(where / f"{n}.npy", mmap_mode="r") for n in self.columns}
         return self._open[k]
+
+    def shard_column(self, k: int, name: str) -> np.ndarray:
+        """Column ``name`` of the ``k``-th shard, memory-mapped: ``[R_k, S]`` (or ``[R_k, S, K]``)."""
+        return self._shard(k)[name]
 
     def row(self, index: int) -> dict[str, np.ndarray]:
         """The stored columns of row ``index`` (numpy, label-aligned)."""

@@ -24,6 +24,7 @@ __all__ = [
     "PrecisionSection",
     "TrainConfig",
     "TrainerSection",
+    "init_checkpoint_config",
     "padded_vocab_size",
 ]
 
@@ -59,6 +60,31 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisibl
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def init_checkpoint_config(path: str) -> dict[str, Any]:
+    """The model config recorded in a NeMo 2 checkpoint's ``context/model.yaml``, as plain values.
+
+    Read as YAML (no NeMo import): what the checks below and the model builder need from a
+    ``model.init_from`` checkpoint (``vocab_size`` is its padded row count, ``num_layers``, ...).
+
+    Raises:
+        ValueError: no ``context/model.yaml`` under ``path``, or one without a ``config`` mapping.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    where = Path(path) / "context" / "model.yaml"
+    if not where.is_file():
+        raise ValueError(
+            f"model.init_from={path}: not a NeMo 2 checkpoint (no context/model.yaml); make one with "
+            "`nemo-dcod import --hf DIR --out DIR` or point at a training checkpoint."
+        )
+    config = (yaml.safe_load(where.read_text()) or {}).get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"model.init_from={path}: {where} records no model config.")
+    return config
+
+
 @dataclass
 class ModelSection:
     """The student."""
@@ -68,7 +94,9 @@ class ModelSection:
     size: str = "tiny"
     """A size of the family (e.g. 8b, 70b) or `tiny` (4 layers, width 64) for tests and the demo."""
     init_from: str | None = None
-    """A NeMo 2 checkpoint to start from (e.g. made by `nemo-dcod import`); null: random init."""
+    """A NeMo 2 checkpoint to start from (e.g. made by `nemo-dcod import`); null: random init. Its
+    architecture (layers, widths, heads, norms, RoPE, tied embeddings, padded vocabulary) is used;
+    model.family must be its family."""
     num_layers: int | None = None
     """Override the family's layer count (tiny sizes and tests)."""
     hidden_size: int | None = None
@@ -305,6 +333,8 @@ class TrainConfig:
             out.append("optim.clip_grad and optim.weight_decay: must be >= 0.")
         if self.data.topk < 0 or self.data.topk >= self.data.vocab_size:
             out.append(f"data.topk={self.data.topk}: must be in [0, data.vocab_size).")
+        if self.model.init_from is not None and check_paths:
+            out.extend(self._init_from_problems())
         if self.data.source == "store":
             out.extend(self._store_problems() if check_paths else [])
         elif self.loss.needs_topk() and self.data.topk == 0:
@@ -313,6 +343,56 @@ class TrainConfig:
                 "set data.topk > 0."
             )
         return out
+
+    def vocab_rows(self, init_config: dict[str, Any] | None = None) -> int:
+        """Rows of the embedding / output layer: a ``model.init_from`` checkpoint's own (it may be
+        padded by another rule, e.g. Qwen's 151936), else data.vocab_size padded to 128 x TP."""
+        if init_config is not None:
+            return int(init_config["vocab_size"])
+        return padded_vocab_size(self.data.vocab_size, self.parallel.tensor_model_parallel_size)
+
+    def _init_from_problems(self) -> list[str]:
+        assert self.model.init_from is not None
+        try:
+            config = init_checkpoint_config(self.model.init_from)
+        except ValueError as exc:
+            return [str(exc)]
+        out = []
+        rows, tp = int(config.get("vocab_size") or 0), self.parallel.tensor_model_parallel_size
+        where = f"model.init_from={self.model.init_from}"
+        if self.data.vocab_size > rows:
+            out.append(
+                f"data.vocab_size={self.data.vocab_size}: larger than the {rows} embedding rows of "
+                f"{where}: the data's tokenizer is not the checkpoint's."
+            )
+        if tp >= 1 and rows % tp:
+            out.append(
+                f"parallel.tensor_model_parallel_size={tp} does not divide the {rows} vocabulary rows of "
+                f"{where}: pick a TP that divides it."
+            )
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size"):
+            mine = getattr(self.model, name)
+            if mine is not None and config.get(name) is not None and mine != config[name]:
+                out.append(
+                    f"model.{name}={mine}: {where} has {config[name]}; the checkpoint's architecture is "
+                    f"used, drop model.{name}."
+                )
+        return out
+
+    def model_shape(self) -> tuple[int, int, int]:
+        """(num_layers, num_attention_heads, num_query_groups) of the student: the ``model.init_from``
+        checkpoint's when there is one (its architecture is used), else model.family/size's."""
+        if self.model.init_from is not None:
+            try:
+                config = init_checkpoint_config(self.model.init_from)
+                return (
+                    int(config["num_layers"]),
+                    int(config["num_attention_heads"]),
+                    int(config.get("num_query_groups") or config["num_attention_heads"]),
+                )
+            except (ValueError, KeyError, TypeError):
+                pass  # reported by _init_from_problems
+        return self.model.shape()
 
     def _store_problems(self) -> list[str]:
         import json
@@ -368,7 +448,7 @@ class TrainConfig:
                 "trainer.micro_batch_size "
                 f"x data-parallel size = {t.micro_batch_size} x {dp}."
             )
-        layers, heads, groups = self.model.shape()
+        layers, heads, groups = self.model_shape()
         pp = p.pipeline_model_parallel_size
         if pp > layers:
             out.append(

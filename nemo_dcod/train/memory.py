@@ -37,6 +37,7 @@ __all__ = [
     "Architecture",
     "Layout",
     "MemoryEstimate",
+    "dry_run_score",
     "dry_run_train",
     "forward_memory",
     "layers_per_stage",
@@ -366,6 +367,75 @@ def dry_run_train(cfg: Any) -> int:
         print(
             "train: change the layout (more tensor / pipeline parallelism, sequence parallel, a smaller "
             f"micro-batch, the distributed optimizer) or set {USABLE_GIB_ENV} for larger GPUs."
+        )
+        return 1
+    return 0
+
+
+def dry_run_score(cfg: Any) -> int:
+    """``nemo-dcod score --dry-run``: validate, read the checkpoint's architecture, print the estimate.
+
+    Reads the checkpoint's ``context/`` (its config, no weights) and the store's manifest (its row
+    length) when present. A bf16 config is validated as for a GPU node.
+
+    Returns:
+        0, or 1 when the estimate exceeds :func:`usable_gib`.
+
+    Raises:
+        ConfigError: every problem of the config, or a checkpoint that is not there.
+    """
+    import json
+    from pathlib import Path
+
+    from nemo_dcod.config import ConfigError
+    from nemo_dcod.data.readers import DataError
+    from nemo_dcod.model.families import have_transformer_engine
+    from nemo_dcod.score.run import resolve_checkpoint
+
+    problems = cfg.problems(has_gpu=True if cfg.dtype == "bf16" else None)
+    try:
+        checkpoint = resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    except DataError as exc:
+        problems.append(str(exc))
+    try:
+        usable = usable_gib()
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems or checkpoint is None:
+        raise ConfigError(problems, "dry run")
+    from nemo.lightning import io
+
+    config = io.load_context(str(checkpoint), subpath="model").config
+    manifest = Path(cfg.store) / "manifest.json"
+    seq_length = (
+        int(json.loads(manifest.read_text())["seq_length"]) if manifest.is_file() else config.seq_length
+    )
+    p = cfg.parallel
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "checkpoint" and "bfloat16" in str(config.params_dtype))
+    layout = Layout(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        data_parallel_size=cfg.data_parallel_size,
+        seq_length=seq_length,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        bf16=bf16,
+        fused_attention=have_transformer_engine(),
+        loss_chunk_rows=cfg.chunk_size,
+    )
+    arch = Architecture.of(config)
+    estimate = forward_memory(arch, layout)
+    print(
+        f"score: {checkpoint} ({arch.total_parameters() / 1e9:.2f}B parameters), {cfg.world_size} ranks = "
+        f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
+        f"x DP {cfg.data_parallel_size}, "
+        f"{seq_length}-token rows, micro-batch {cfg.trainer.micro_batch_size}, "
+        f"{'bf16' if bf16 else 'fp32'}: config ok"
+    )
+    print(estimate.describe(usable))
+    if not estimate.fits(usable):
+        print(
+            "score: use more tensor / pipeline parallelism or a smaller micro-batch, "
+            f"or set {USABLE_GIB_ENV}."
         )
         return 1
     return 0

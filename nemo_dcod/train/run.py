@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from nemo_dcod.config import to_yaml
-from nemo_dcod.train.config import TrainConfig, padded_vocab_size
+from nemo_dcod.config import ConfigError, to_yaml
+from nemo_dcod.train.config import TrainConfig, init_checkpoint_config
 
 __all__ = ["build_model", "run_train"]
 
@@ -43,10 +43,11 @@ def build_model(cfg: TrainConfig) -> Any:
 
     p = cfg.parallel
     use_te = {"auto": None, "te": True, "local": False}[cfg.model.spec]
+    init_config = init_checkpoint_config(cfg.model.init_from) if cfg.model.init_from else None
     gpt_config = build_gpt_config(
         cfg.model.family,
         cfg.model.size,
-        padded_vocab_size=padded_vocab_size(cfg.data.vocab_size, p.tensor_model_parallel_size),
+        padded_vocab_size=cfg.vocab_rows(init_config),
         seq_length=cfg.data.seq_length,
         parallel={
             "tensor_model_parallel_size": p.tensor_model_parallel_size,
@@ -63,7 +64,7 @@ def build_model(cfg: TrainConfig) -> Any:
             "batch_p2p_comm": p.virtual_pipeline_model_parallel_size is None,
         },
         precision=_precision_fields(cfg),
-        overrides=cfg.model.overrides(),
+        overrides=cfg.model.overrides() if init_config is None else _architecture_of(init_config, cfg),
         use_te=use_te,
     )
     o = cfg.optim
@@ -92,6 +93,59 @@ def build_model(cfg: TrainConfig) -> Any:
         total_steps=cfg.trainer.max_steps,
         optim=MegatronOptimizerModule(config=optimizer, lr_scheduler=scheduler),
     )
+
+
+# GPTConfig fields that decide the shapes or the function of a restored checkpoint's weights:
+# with model.init_from they are the checkpoint's (vocab_size goes in as padded_vocab_size).
+_ARCHITECTURE = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "normalization",
+    "layernorm_epsilon",
+    "gated_linear_unit",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "share_embeddings_and_output_weights",
+    "position_embedding_type",
+    "rotary_base",
+    "rotary_percent",
+)
+
+
+def _architecture_of(init_config: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """The ``model.init_from`` checkpoint's architecture fields, as ``GPTConfig`` overrides.
+
+    Raises:
+        ConfigError: the checkpoint's config class is not of model.family (e.g. a Qwen checkpoint
+            for a Llama student: family-specific behaviour such as Llama 3.1's RoPE scaling lives
+            in the class, not in these fields).
+    """
+    import importlib
+
+    from nemo_dcod.model.families import family_config_class
+
+    family_cls = family_config_class(cfg.model.family, cfg.model.size)
+    target = str(init_config.get("_target_", ""))
+    module, _, name = target.rpartition(".")
+    try:
+        stored_cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        stored_cls = None
+    if stored_cls is None or not (issubclass(family_cls, stored_cls) or issubclass(stored_cls, family_cls)):
+        raise ConfigError(
+            [
+                f"model.init_from={cfg.model.init_from} holds a {target or 'model of unknown class'}, not a "
+                f"model.family={cfg.model.family} model ({family_cls.__name__}): set model.family to the "
+                "checkpoint's family."
+            ],
+            "model.init_from",
+        )
+    return {name: init_config[name] for name in _ARCHITECTURE if name in init_config}
 
 
 def _data_module(cfg: TrainConfig) -> Any:

@@ -5,8 +5,9 @@ safetensors), Qwen2 (QKV bias, tied embeddings) and Qwen3 (QK-norm, head_dim != 
 tied) with the real ``nemo-dcod import`` command. Every norm weight and bias of those models is
 random (``tests/hf_tiny.py``): a converter that skips one changes the logits. Then:
 
-* logits of the imported checkpoints, loaded by Megatron at TP=1 here and at TP=2 in two gloo
-  processes, against transformers' logits of the source: max |diff| <= 1e-4 in fp32;
+* logits of the imported checkpoints, loaded by Megatron at TP=1 here, at TP=2 and PP=2 in two
+  gloo processes and at TP=2 x PP=2 in four (Megatron's forward-only pipeline schedule), against
+  transformers' logits of the source: max |diff| <= 1e-4 in fp32;
 * NeMo's silent skip is caught: with our local-spec norm fix switched off the import fails with
   the names of the skipped tensors and leaves nothing behind; a failed verification likewise;
 * export back to HF: every tensor bit-identical to the source, config and tokenizer (with its
@@ -15,7 +16,7 @@ random (``tests/hf_tiny.py``): a converter that skips one changes the logits. Th
   equal the trained NeMo checkpoint's (<= 1e-4), and the plain NeMo checkpoint loads (context and
   weights) in a process where ``nemo_dcod`` cannot be imported, while the training checkpoint does not.
 
-    .venv/bin/pytest tests/distributed/test_convert_roundtrip.py -q -x   # ~5 min on 2 CPU cores
+    .venv/bin/pytest tests/distributed/test_convert_roundtrip.py -q -x   # ~7 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -92,8 +93,12 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     return out
 
 
-def _nemo_logits_tp(rank: int, world: int, checkpoints: list[str], rows: list[torch.Tensor]) -> Any:
+def _nemo_logits_tp(
+    rank: int, world: int, checkpoints: list[str], rows: list[torch.Tensor], pp: int = 1
+) -> Any:
     """Per checkpoint: (model class in its context, vocab rows on this rank, gathered logits per row).
+
+    TP = world / pp. With pp > 1 the logits are the last stage's (None on the others).
 
     Runs in forked gloo workers only: once this process has used gloo, a later fork crashes in
     gloo (its transport device outlives the process group and its loop thread is not forked).
@@ -104,9 +109,10 @@ def _nemo_logits_tp(rank: int, world: int, checkpoints: list[str], rows: list[to
     enable_cpu_mode()
     results = []
     for ckpt in checkpoints:
-        with megatron_parallel(world):
+        with megatron_parallel(world // pp, pp):
             mcore, model = load_nemo_model(Path(ckpt))
-            shard_rows = mcore.embedding.word_embeddings.weight.shape[0]
+            layer = mcore.output_layer if mcore.post_process else mcore.embedding.word_embeddings
+            shard_rows = layer.weight.shape[0]
             results.append((type(model).__name__, shard_rows, nemo_logits(mcore, rows)))
     return results
 
@@ -136,6 +142,24 @@ def test_import_matches_transformers_at_tp1_and_tp2(imported: dict[str, tuple[Pa
         assert _max_diff(reference[family], logits_tp1) <= TOL, family
         assert _max_diff(reference[family], logits_tp2) <= TOL, family
         assert _max_diff(logits_tp2, sharded[1][i][2]) == 0.0  # both ranks gathered the same logits
+
+
+def test_import_matches_transformers_at_pp2_and_tp2_pp2(imported: dict[str, tuple[Path, Path]]) -> None:
+    """Pipeline stages through Megatron's forward-only schedule (p2p over gloo), each family: Qwen's
+    tied embeddings are loaded on both ends of the pipeline."""
+    rows = _rows()
+    reference = {f: [hf_logits(src, r[None])[0] for r in rows] for f, (src, _) in imported.items()}
+    checkpoints = [str(c) for _, c in imported.values()]
+    pp2 = run_distributed(_nemo_logits_tp, 2, checkpoints, rows, 2, timeout=300)
+    tp2_pp2 = run_distributed(_nemo_logits_tp, 4, checkpoints, rows, 2, timeout=400)
+    for i, family in enumerate(imported):
+        assert pp2[0][i][2] is None and tp2_pp2[0][i][2] is None  # first stage: no logits
+        _, rows_pp2, logits_pp2 = pp2[1][i]
+        _, rows_tp2_pp2, logits_tp2_pp2 = tp2_pp2[2][i]  # ranks 2, 3: the last stage's TP pair
+        assert (rows_pp2, rows_tp2_pp2) == (256, 128)
+        assert _max_diff(reference[family], logits_pp2) <= TOL, family
+        assert _max_diff(reference[family], logits_tp2_pp2) <= TOL, family
+        assert _max_diff(logits_tp2_pp2, tp2_pp2[3][i][2]) == 0.0
 
 
 def test_tokenizer_travels_with_the_checkpoint(imported: dict[str, tuple[Path, Path]]) -> None:

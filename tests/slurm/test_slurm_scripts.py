@@ -21,6 +21,7 @@ Every run trains 6 steps with a checkpoint every 2 (~35 s of a ~100 s pipeline o
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -117,14 +118,37 @@ def test_scripts_parse_and_pass_shellcheck() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(slurm_cluster: LocalSlurm, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """``sbatch --wait slurm/distill_tiny_local.sh``: (run root, job id); the job must succeed."""
+def teacher_nemo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with the tiny traces' tokenizer, imported to NeMo 2 as a user would."""
+    from hf_tiny import make_hf_checkpoint
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("teacher")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "examples" / "tiny" / "tokenizer")
+    hf = make_hf_checkpoint(root / "hf", "llama", seed=7, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(hf)  # replaces the generic test tokenizer
+    proc = subprocess.run(
+        [NEMO_DCOD, "import", "--hf", str(hf), "--out", str(root / "nemo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "nemo"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(
+    slurm_cluster: LocalSlurm, teacher_nemo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, int]:
+    """``sbatch --wait slurm/distill_tiny_local.sh`` with a teacher: (run root, job id); it must succeed."""
     run_root = tmp_path_factory.mktemp("tiny")
     start = time.monotonic()
     proc = slurm_cluster.run(
         ["sbatch", "--wait", f"--output={run_root}/job-%j.out", "slurm/distill_tiny_local.sh"],
         check=False,
-        env=_tiny_env(run_root),
+        env=_tiny_env(run_root, TEACHER_NEMO=str(teacher_nemo)),
         timeout=JOB_TIMEOUT_S,
     )
     job_id = int(re.search(r"Submitted batch job (\d+)", proc.stdout).group(1))  # type: ignore[union-attr]
@@ -149,7 +173,12 @@ def test_tiny_pipeline_runs_across_two_nodes(slurm_cluster: LocalSlurm, tiny_run
     assert "All tensor model parallel group ranks: [[0, 1]]" in train_log  # TP=2 spans both nodes
     assert re.search(r"^1: ", train_log, re.MULTILINE), train_log[-3000:]  # rank 1 ran (on node2)
     assert _train_steps(run_root / "train") == list(range(1, STEPS + 1))
-    assert (run_root / "store" / "manifest.json").is_file()
+    # The teacher scored the store, data-parallel: one replica per node, each its own shards.
+    manifest = json.loads((run_root / "store" / "manifest.json").read_text())
+    assert manifest["teacher"]["logprobs"] == "teacher" and manifest["teacher"]["topk"] == 4, manifest
+    assert manifest["columns"]["teacher_topk_ids"] is not None, manifest["columns"]
+    score_log = _read(run_root / "logs" / "score.log")
+    assert "tokens scored (teacher" in score_log, score_log
     # Stages the installed nemo-dcod lacks are logged as skipped; those it has left their outputs.
     if "skipped: '" + NEMO_DCOD + " export" not in output:
         assert (run_root / "export" / "hf" / "config.json").is_file(), _read(run_root / "logs" / "export.log")
@@ -274,7 +303,7 @@ def test_70b_recipe_layout_passes_sbatch_test_only(slurm_cluster: LocalSlurm) ->
 
 
 def test_70b_recipe_runs_end_to_end_with_tiny_sizes(
-    slurm_cluster: LocalSlurm, tiny_run: tuple[Path, int], tmp_path: Path
+    slurm_cluster: LocalSlurm, tiny_run: tuple[Path, int], teacher_nemo: Path, tmp_path: Path
 ) -> None:
     """The four chained jobs of the H100 recipe, sized down to the tiny config on CPU nodes."""
     run_root = tmp_path / "recipe"
@@ -286,7 +315,9 @@ def test_70b_recipe_runs_end_to_end_with_tiny_sizes(
         PREPARE_CONFIG="conf/prepare_tiny.yaml",
         SCORE_NODES="2",
         SCORE_TP="1",
-        TEACHER_NEMO=str(tmp_path / "no-teacher"),
+        TEACHER_NEMO=str(teacher_nemo),
+        SCORE_CONFIG="conf/score_tiny.yaml",
+        SCORE_OVERRIDES="what=teacher tokenizer=null overwrite=true",
         TRAIN_CONFIG="conf/train_store_tiny.yaml",
         TRAIN_NODES="2",
         TRAIN_TP="2",
@@ -294,7 +325,6 @@ def test_70b_recipe_runs_end_to_end_with_tiny_sizes(
         TOKENIZER="examples/tiny/tokenizer",
         EVAL_CONFIG="conf/eval_tiny.yaml",
         EVAL_LABEL="tiny",
-        ALLOW_MISSING_STAGES="1",
         SCORE_TIME="00:20:00",
         TRAIN_TIME="00:20:00",
         EXPORT_TIME="00:20:00",
@@ -305,7 +335,11 @@ def test_70b_recipe_runs_end_to_end_with_tiny_sizes(
         ["sbatch", "--wait", f"--output={driver_out}", "slurm/distill_70b_to_8b.sh"], check=False, env=env
     )
     assert proc.returncode == 0, proc.stderr + _read(driver_out)
-    jobs = dict(re.findall(r"^(score|train|export|eval): job (\d+)", _read(driver_out), re.M))
+    driver = _read(driver_out)
+    # The driver dry-ran both GPU stages (here on CPU nodes) before submitting them.
+    for layout in (r"forward only, TP=1 PP=1 DP=2", r"training, TP=2 PP=1 CP=1 DP=1"):
+        assert re.search(rf"^memory estimate per GPU \({layout}\).* fits", driver, re.M), driver
+    jobs = dict(re.findall(r"^(score|train|export|eval): job (\d+)", driver, re.M))
     assert list(jobs) == ["score", "train", "export", "eval"], _read(driver_out)
     infos: dict[str, dict[str, Any]] = {}
     for stage, job_id in jobs.items():
