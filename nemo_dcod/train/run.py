@@ -16,6 +16,7 @@ the ranks talk over gloo.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +328,10 @@ def run_train(cfg: TrainConfig) -> Path:
         restore_config=restore if resume_from is None else None,
     )
     model = build_model(cfg)
+    if all(os.environ.get(v, "0") == "0" for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
+        from nemo_dcod.train.memory import train_estimate
+
+        print(train_estimate(cfg, model.config).describe(), flush=True)  # once, before the ranks start
     trainer = _trainer(cfg, run_dir)
     llm.train(model=model, data=_data_module(cfg), trainer=trainer, log=_logger(cfg, run_dir), resume=resume)
     return run_dir

@@ -38,6 +38,8 @@ def test_tiny_family_trains(tmp_path: Path, family: str, expected: str, absent: 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    estimate = "memory estimate per GPU (training, TP=2 PP=1 CP=1 DP=1)"  # printed once, not per rank
+    assert proc.stdout.count(estimate) == 1, proc.stdout[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
