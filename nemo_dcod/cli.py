@@ -36,10 +36,10 @@ PENDING: dict[str, str] = {}
 # A user error prints one line and exits 1; a ConfigError exits 2 (see main).
 _STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "demo": (
-        "the embedded default: SFT vs DisCorD on a synthetic teacher, CPU, tensor-parallel",
+        "the embedded default: teacher -> prepare -> train SFT and DisCorD (TP=2) -> export -> eval",
         "nemo_dcod.config:DemoConfig",
         "nemo_dcod.demo:run_demo",
-        (),
+        ("nemo_dcod.demo:DemoError",),
     ),
     "train": (
         "the student with DisCorD (or a baseline) through the NeMo plug-in",

@@ -53,12 +53,12 @@ def test_unknown_keys_and_bad_values_are_all_reported_at_once(tmp_path: Path) ->
         load_config(
             DemoConfig,
             None,
-            ["vocab_size=47", "losses=[{name: discord, tau: -1, lambda_max: 2}, {name: gkd}]", "lr=0"],
+            ["modulus=1", "losses=[{name: discord, tau: -1, lambda_max: 2}, {name: gkd}]", "lr=0"],
         )
     text = str(err.value)
     assert len(err.value.problems) == 5, text
     for needle in (
-        "vocab_size=47 is not divisible by tensor_model_parallel_size=2",
+        "modulus=1: must be >= 2",
         "losses[0].tau=-1.0: must be > 0",
         "losses[0].lambda_max=2.0: must be in [0, 1]",
         "losses[1].name='gkd': must be one of discord, sft, dft, iw_sft, kl, todi",

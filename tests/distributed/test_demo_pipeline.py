@@ -1,0 +1,143 @@
+"""`nemo-dcod demo reduced=true` end to end (what CI runs), and the consistency of what it writes.
+
+One run of the real command (teacher -> prepare -> two TP=2 trainings under torchrun -> export ->
+eval -> ExAccErr -> report), then checks on its outputs:
+
+- every artifact the summary lists exists;
+- the printed table, ``summary.md`` and ``summary.json`` agree cell by cell, and the accuracies
+  are the eval stage's own ``results.json`` numbers;
+- both students started from identical weights: their losses agree exactly while DisCorD's λ is 0
+  and differ once it is not (so the check can fail);
+- the exported students load with ``transformers.AutoModelForCausalLM`` and give finite logits of
+  the tokenizer's size on a task prompt; ExAccErr and the KL are finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nemo_dcod.config import DemoConfig, load_config
+from nemo_dcod.demo.report import TABLE_COLUMNS
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_dcod.cli",
+            "demo",
+            "--config",
+            "conf/demo.yaml",
+            f"run_dir={run_dir}",
+            "reduced=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def _table(text: str) -> dict[str, list[str]]:
+    """Rows of the students' markdown table in ``text`` (the block under ``| student |``)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| student |"))
+    rows = []
+    for line in lines[start + 2 :]:  # after the header and the rule
+        if not line.startswith("| "):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return {cells[0]: cells[1:] for cells in rows}
+
+
+def test_artifacts_exist_and_config_round_trips(demo_run: tuple[Path, str]) -> None:
+    run_dir, stdout = demo_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["students"]) == {"sft", "discord"}
+    for label, path in summary["artifacts"].items():
+        assert Path(path).exists(), label
+        assert str(path) in stdout, label  # the path of each artifact is printed
+    for name in ("sft", "discord"):
+        assert (run_dir / name / "metrics.jsonl").is_file()
+        assert (run_dir / "hf" / name / "config.json").is_file()
+    cfg = load_config(DemoConfig, run_dir / "config.yaml")
+    assert cfg.reduced and cfg.resolved().steps == 8
+
+
+def test_table_json_and_eval_results_agree(demo_run: tuple[Path, str]) -> None:
+    run_dir, stdout = demo_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    printed, written = _table(stdout), _table((run_dir / "summary.md").read_text())
+    assert printed == written and set(printed) == set(summary["students"])
+    for name, cells in printed.items():
+        student = summary["students"][name]
+        assert len(cells) == len(TABLE_COLUMNS)
+        for cell, (header, key, fmt) in zip(cells, TABLE_COLUMNS, strict=True):
+            value = student[key]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                assert cell == "—", header
+            else:
+                assert cell == fmt.format(value), header
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    for name, student in summary["students"].items():
+        bench = results["models"][name]["benchmarks"]["heldout"]
+        assert student["accuracy_percent"] == pytest.approx(100 * bench["score"], abs=1e-12)
+        assert bench["n"] == 32
+        assert math.isfinite(student["exaccerr_percent"]) and student["kl_teacher_prefixes"] > 0
+
+
+def test_students_started_from_identical_weights(demo_run: tuple[Path, str]) -> None:
+    run_dir, _ = demo_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records: dict[str, list[dict[str, Any]]] = {
+        name: [json.loads(x) for x in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("sft", "discord")
+    }
+    assert [r["step"] for r in records["sft"]] == list(range(1, 9)) == [r["step"] for r in records["discord"]]
+    zero = [r["step"] for r in records["discord"] if r["lambda"] == 0]
+    assert zero and zero == list(range(1, len(zero) + 1)) and len(zero) < 8
+    for step in zero:
+        assert records["sft"][step - 1]["loss"] == pytest.approx(
+            records["discord"][step - 1]["loss"], rel=1e-6
+        )
+    after = len(zero)  # the first step with λ > 0: DisCorD's weights change its loss
+    assert records["sft"][after]["loss"] != pytest.approx(records["discord"][after]["loss"], rel=1e-6)
+    assert summary["identical_start"]["equal_steps"] == len(zero)
+
+
+def test_exported_students_load_with_transformers(demo_run: tuple[Path, str]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = demo_run
+    for name in ("sft", "discord"):
+        path = run_dir / "hf" / name
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "3 + 4 - 2 + 1"}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        assert ids.shape[1] == 12 and tokenizer.unk_token_id not in ids[0].tolist()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        assert logits.shape[-1] >= len(tokenizer) and torch.isfinite(logits).all(), name
