@@ -320,6 +320,8 @@ class TrainConfig:
             "data.seq_length": self.data.seq_length,
         }
         out.extend(f"{k}={v}: must be >= 1." for k, v in positive.items() if v < 1)
+        if self.seed < 1:  # NeMo's seeding raises on it once the ranks have started
+            out.append(f"seed={self.seed}: must be >= 1 (NeMo requires a positive seed).")
         if self.optim.lr <= 0 or not 0 <= self.optim.min_lr <= self.optim.lr:
             out.append(
                 f"optim.lr={self.optim.lr}, optim.min_lr={self.optim.min_lr}: need 0 <= min_lr <= lr, lr > 0."

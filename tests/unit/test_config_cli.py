@@ -98,8 +98,8 @@ def test_cli_help_lists_stages_and_pending_stages_fail(capsys: pytest.CaptureFix
 
 
 def test_train_config_errors_all_reported_before_anything_is_built(tmp_path: Path) -> None:
-    """Sizes that do not divide, PP > layers, FP8 on CPU, unknown keys, a bad type and a loss
-    hyper-parameter out of range: one error listing all, and NeMo is never imported (no model)."""
+    """Sizes that do not divide, PP > layers, FP8 on CPU, unknown keys, a bad type, a loss
+    hyper-parameter out of range and a seed NeMo would refuse: one error listing all, and NeMo is never imported (no model)."""
     bad = [
         "parallel.tensor_model_parallel_size=3",
         "parallel.pipeline_model_parallel_size=8",
@@ -107,6 +107,7 @@ def test_train_config_errors_all_reported_before_anything_is_built(tmp_path: Pat
         "trainer.stpes=3",
         "trainer.max_steps=abc",
         "loss.tau=-1",
+        "seed=0",
         f"run_dir={tmp_path / 'run'}",
     ]
     code = (
@@ -122,7 +123,8 @@ def test_train_config_errors_all_reported_before_anything_is_built(tmp_path: Pat
     assert proc.returncode == 2, proc.stderr
     assert "NEMO_NOT_IMPORTED" in proc.stdout
     expected = [
-        "7 problem(s)",
+        "8 problem(s)",
+        "seed=0: must be >= 1",
         "trainer.stpes: unknown key",
         "trainer.max_steps: Value 'abc'",
         "loss.tau=-1.0: must be > 0",
