@@ -42,6 +42,9 @@ class ScoreLaunchSection:
     """Nodes."""
     micro_batch_size: int = 1
     """Store rows per forward pass on one data-parallel replica."""
+    micro_batches_per_call: int = 16
+    """Micro-batches collated and run per forward-only schedule call: bounds host and device
+    memory (each row's attention mask is S² bytes); at least PP keeps the pipeline full."""
 
 
 @dataclass
@@ -105,6 +108,7 @@ class ScoreConfig:
             "trainer.devices": t.devices,
             "trainer.num_nodes": t.num_nodes,
             "trainer.micro_batch_size": t.micro_batch_size,
+            "trainer.micro_batches_per_call": t.micro_batches_per_call,
         }
         out.extend(f"{k}={v}: must be >= 1." for k, v in sizes.items() if v < 1)
         mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size

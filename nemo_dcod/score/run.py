@@ -74,6 +74,7 @@ class ScorePlan:
     tensor_model_parallel_size: int
     pipeline_model_parallel_size: int
     micro_batch_size: int
+    micro_batches_per_call: int
     topk: int
     what: str
     dtype: str
@@ -267,6 +268,7 @@ def plan_scoring(cfg: ScoreConfig) -> ScorePlan | None:
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         micro_batch_size=cfg.trainer.micro_batch_size,
+        micro_batches_per_call=cfg.trainer.micro_batches_per_call,
         topk=cfg.topk,
         what=cfg.what,
         dtype=cfg.dtype,
@@ -305,18 +307,28 @@ def _score_shard(
     """Score shard ``k``; on the writer rank its columns (numpy), else None."""
     from nemo_dcod.score.core import score_micro_batches
 
-    rows = range(int(store.offsets[k]), int(store.offsets[k + 1]))
-    batches = micro_batches_of(store, rows, plan.micro_batch_size, device)
+    mbs = plan.micro_batch_size
+    first, last = int(store.offsets[k]), int(store.offsets[k + 1])
+    full_end = first + (last - first) // mbs * mbs
+    # Rows are collated a window at a time (a [B, 1, S, S] mask is 64 MiB per row at S = 8192; a
+    # shard holds thousands of rows), each window one forward-only schedule call of
+    # `micro_batches_per_call` micro-batches; one batch shape per call (p2p buffers are sized per
+    # call): full micro-batches, then the short rest.
+    window = plan.micro_batches_per_call * mbs
+    spans = [(lo, min(lo + window, full_end)) for lo in range(first, full_end, window)]
+    if full_end < last:
+        spans.append((full_end, last))
     scored = []
-    full = len(rows) // plan.micro_batch_size
-    # One schedule call per batch shape (p2p buffers are sized per call): the full ones, the rest.
-    for group in (batches[:full], batches[full:]):
-        if group:
-            scored.extend(
-                score_micro_batches(
-                    mcore, group, vocab_size=plan.vocab_size, topk=plan.topk, chunk_size=plan.chunk_size
-                )
+    for lo, hi in spans:
+        scored.extend(
+            score_micro_batches(
+                mcore,
+                micro_batches_of(store, range(lo, hi), mbs, device),
+                vocab_size=plan.vocab_size,
+                topk=plan.topk,
+                chunk_size=plan.chunk_size,
             )
+        )
     if not scored:
         return None
     columns = {"teacher_logprobs": np.concatenate([s.logprobs.numpy() for s in scored])}

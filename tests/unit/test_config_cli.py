@@ -99,7 +99,8 @@ def test_cli_help_lists_stages_and_pending_stages_fail(capsys: pytest.CaptureFix
 
 def test_train_config_errors_all_reported_before_anything_is_built(tmp_path: Path) -> None:
     """Sizes that do not divide, PP > layers, FP8 on CPU, unknown keys, a bad type, a loss
-    hyper-parameter out of range and a seed NeMo would refuse: one error listing all, and NeMo is never imported (no model)."""
+    hyper-parameter out of range and a seed NeMo would refuse: one error listing all, and NeMo is
+    never imported (no model)."""
     bad = [
         "parallel.tensor_model_parallel_size=3",
         "parallel.pipeline_model_parallel_size=8",
