@@ -34,7 +34,8 @@
 #
 # Settings (environment variables; sbatch passes them on to every stage job):
 #   where      DCOD_ROOT (the checkout on the shared filesystem; default: the submit directory),
-#              RUN_ROOT (all outputs), LOG_DIR (one log per stage and job), NEMO_DCOD (the command)
+#              NEMO_DCOD (one executable: the nemo-dcod entry point; default: nemo-dcod on PATH),
+#              RUN_ROOT (all outputs), LOG_DIR (one log per stage and job)
 #   cluster    PARTITION, ACCOUNT, QOS (unset: the cluster's defaults), GPUS_PER_NODE (8; 0: CPU
 #              nodes with CPU_TASKS_PER_NODE ranks each), CPUS_PER_TASK, CONTAINER_IMAGE (pyxis,
 #              e.g. nvcr.io#nvidia/nemo:25.07; unset: none), CONTAINER_MOUNTS, STAGES
@@ -295,7 +296,7 @@ case $DCOD_STAGE in
     fi
     # Resumable: a requeued or re-submitted job skips the shards already scored.
     score_overrides
-    dcod_launch "${skip[@]}" --log "$LOG_DIR/score.log" -- \
+    dcod_launch ${skip[@]+"${skip[@]}"} --log "$LOG_DIR/score.log" -- \
       "$NEMO_DCOD" score --config "$SCORE_CONFIG" "${overrides[@]}"
     ;;
   train)
@@ -311,13 +312,13 @@ case $DCOD_STAGE in
     [[ -n $checkpoint ]] || { echo "export: no *-last checkpoint in $RUN_ROOT/train/checkpoints" >&2; exit 1; }
     tokenizer=()
     [[ -z $TOKENIZER ]] || tokenizer=(--tokenizer "$TOKENIZER")
-    dcod_launch --single "${skip[@]}" --log "$LOG_DIR/export.log" -- \
+    dcod_launch --single ${skip[@]+"${skip[@]}"} --log "$LOG_DIR/export.log" -- \
       "$NEMO_DCOD" export --checkpoint "$checkpoint" --hf-out "$HF_OUT" nemo_out="$NEMO_OUT" \
-      "${tokenizer[@]}" --overwrite
+      ${tokenizer[@]+"${tokenizer[@]}"} --overwrite
     ;;
   eval)
     # shellcheck disable=SC2086
-    dcod_launch --single "${skip[@]}" --log "$LOG_DIR/eval.log" -- \
+    dcod_launch --single ${skip[@]+"${skip[@]}"} --log "$LOG_DIR/eval.log" -- \
       "$NEMO_DCOD" eval --config "$EVAL_CONFIG" "models=[{path: $HF_OUT, label: $EVAL_LABEL}]" \
       out_dir="$EVAL_OUT" $EVAL_OVERRIDES
     ;;

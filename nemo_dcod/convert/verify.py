@@ -219,13 +219,20 @@ def _tied_embeddings_from_checkpoint() -> Iterator[None]:
         LanguageModule._is_in_embd_group = original
 
 
-def load_nemo_model(checkpoint: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+def load_nemo_model(
+    checkpoint: Path, dtype: torch.dtype | None = None, *, local_spec: bool = False
+) -> tuple[Any, Any]:
     """The Megatron model of a NeMo 2 checkpoint, weights loaded, under the current parallel state.
 
     Args:
         checkpoint: the NeMo 2 checkpoint folder.
         dtype: parameter dtype to build the model in (the stored values are converted on load,
             exactly when widening bf16/fp16 to fp32); ``None``: the checkpoint's.
+        local_spec: build megatron-core's local layer spec whatever the checkpoint's config says.
+            Its attention applies a dense ``attention_mask`` (packed documents kept apart by the
+            block-diagonal mask); Transformer Engine's fused attention with the causal mask type
+            ignores it. The stored weights load either way (the local spec's sharded state dict
+            uses TE's fused-norm names). On a machine without TE the spec is local anyway.
 
     Returns:
         ``(mcore_model, nemo_model)``: the ``MCoreGPTModel`` (eval mode) and the NeMo
@@ -253,6 +260,10 @@ def load_nemo_model(checkpoint: Path, dtype: torch.dtype | None = None) -> tuple
     # On CPU the schedule would free a stage's output while a gloo send may still read it
     # (nemo_dcod.model.families explains it for training); forward-only keeps them anyway.
     config.deallocate_pipeline_outputs = False
+    if local_spec:
+        from nemo.collections.llm.gpt.model.base import local_layer_spec
+
+        config.transformer_layer_spec = local_layer_spec
     with _tied_embeddings_from_checkpoint():
         mcore = config.configure_model(nemo_model.tokenizer)
     # NeMo 2 stores the model under "module." (MegatronParallel's prefix for one model chunk).

@@ -65,7 +65,8 @@ def _order_keys(values: Tensor, ids: Tensor) -> Tensor:
     flipped), fill the high 32 bits; ``2^32 - 1 - id`` the low ones. One ``topk`` over the keys is
     then the top-k with ties broken by the smaller id, which no float ``topk`` guarantees.
     """
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
+    # + 0.0 turns -0.0 into +0.0 (equal values, which must get the same high bits).
+    bits = (values.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return bits * (1 << 32) + ((1 << 32) - 1 - ids)
 

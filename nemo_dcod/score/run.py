@@ -392,7 +392,9 @@ def score_rank(rank: int, world: int, plan: ScorePlan) -> dict[str, Any]:
         ]
         # Every rank of a replica must run the same micro-batches: decide before anyone writes.
         dist.barrier()
-        mcore, _ = load_nemo_model(Path(plan.checkpoint), dtype)
+        # The local layer spec: its attention applies the block-diagonal mask of packed rows (TE's
+        # fused causal attention would let a document attend to the ones before it in the row).
+        mcore, _ = load_nemo_model(Path(plan.checkpoint), dtype, local_spec=True)
         start = time.perf_counter()
         for k in mine:
             shard_start = time.perf_counter()

@@ -295,12 +295,12 @@ class TrainConfig:
         ):
             out.extend(choice_problems(section, prefix))
         out.extend(self.loss.problems("loss"))
-        out.extend(self._size_problems(check_paths))
+        out.extend(self._size_problems(check_paths, has_gpu))
         out.extend(self._layout_problems())
         out.extend(self._hardware_problems(has_gpu))
         return out
 
-    def _size_problems(self, check_paths: bool) -> list[str]:
+    def _size_problems(self, check_paths: bool, has_gpu: bool) -> list[str]:
         out = []
         sizes = FAMILY_SIZES.get(self.model.family, ())
         if sizes and self.model.size not in sizes:
@@ -338,7 +338,7 @@ class TrainConfig:
         if self.model.init_from is not None and check_paths:
             out.extend(self._init_from_problems())
         if self.data.source == "store":
-            out.extend(self._store_problems() if check_paths else [])
+            out.extend(self._store_problems(has_gpu) if check_paths else [])
         elif self.loss.needs_topk() and self.data.topk == 0:
             out.append(
                 f"loss.name={self.loss.name!r} (base {self.loss.base!r}) reads the teacher top-k: "
@@ -396,7 +396,8 @@ class TrainConfig:
                 pass  # reported by _init_from_problems
         return self.model.shape()
 
-    def _store_problems(self) -> list[str]:
+    def _store_problems(self, has_gpu: bool) -> list[str]:
+        import importlib.util
         import json
         from pathlib import Path
 
@@ -408,8 +409,26 @@ class TrainConfig:
             return [
                 f"data.path={d.path}: no manifest.json, not a complete store (re-run `nemo-dcod prepare`)."
             ]
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (ValueError, OSError) as exc:
+            return [f"data.path={d.path}: unreadable manifest.json ({exc}); re-run `nemo-dcod prepare`."]
         out = []
+        counts = manifest.get("counts", {})
+        te = self.model.spec == "te" or (
+            self.model.spec == "auto"
+            and has_gpu
+            and importlib.util.find_spec("transformer_engine") is not None
+        )
+        if te and int(counts.get("documents", 0)) > int(counts.get("rows", 0)):
+            # Transformer Engine's fused attention with the causal mask type ignores the dense
+            # block-diagonal mask; packed documents need PackedSeqParams (THD), not wired yet.
+            out.append(
+                f"model.spec={self.model.spec} (Transformer Engine) with the store at {d.path}, which packs "
+                f"{counts.get('documents')} documents into {counts.get('rows')} rows: TE's fused attention "
+                "would let each document attend to the ones before it in its row. Use model.spec=local, "
+                "or a store with one document per row."
+            )
         if int(manifest.get("seq_length", -1)) != d.seq_length:
             out.append(
                 f"data.seq_length={d.seq_length}: the store's rows have {manifest.get('seq_length')} tokens."

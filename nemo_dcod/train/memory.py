@@ -180,6 +180,9 @@ class Layout:
     """Flash / cuDNN attention (Transformer Engine): no ``[s, s]`` score tensors are stored."""
     loss_chunk_rows: int | None = None
     """Rows of logits the loss works on at a time (``loss.chunk_size``); None: all."""
+    resident_mask_rows: int = 0
+    """Rows whose dense ``[S, S]`` attention mask (1 byte each) sits on the device at once
+    (``score`` collates a window of micro-batches)."""
 
 
 @dataclass
@@ -224,13 +227,14 @@ def _layer_activation_bytes(arch: Architecture, layout: Layout) -> float:
     a, g = arch.num_attention_heads, arch.num_query_groups
     e = 2 if layout.bf16 else 4  # bytes of an activation element
     sp = tp if layout.sequence_parallel else 1
-    # Tensors of hidden width that only sequence parallelism splits: the two norm inputs, and
-    # the two residual dropout masks (1 byte each).
-    unsplit = s * b * h * (2 * e + 2) / sp
+    # Hidden-width tensors that only sequence parallelism splits (Korthikanti's "10 sbh" in bf16):
+    # the two norm inputs, the QKV and FC1 inputs (the norms' outputs, replicated over TP without
+    # SP), and the two residual dropout masks (1 byte each).
+    unsplit = s * b * h * (4 * e + 2) / sp
     qkv = s * b * (a + 2 * g) * d * e  # Q, K, V saved for the attention backward
-    attention = s * b * h * e * 2 + qkv + s * b * a * d * e  # QKV input, QKV, context (proj input)
+    attention = qkv + s * b * a * d * e  # QKV, the context (the projection's input)
     fc1_out = s * b * f * (2 if arch.gated_linear_unit else 1)
-    mlp = s * b * h * e + fc1_out * e + s * b * f * e  # FC1 input, FC1 output, activation output
+    mlp = fc1_out * e + s * b * f * e  # FC1 output, the activation's output (FC2's input)
     split = attention + mlp
     if not layout.fused_attention:
         split += 5 * a * s * s * b * (e / 2)  # scores, softmax (2 B each in bf16), dropout mask
@@ -248,33 +252,43 @@ def _logit_bytes(arch: Architecture, layout: Layout, *, training: bool) -> float
 
 
 def train_memory(arch: Architecture, layout: Layout) -> MemoryEstimate:
-    """Per-GPU memory of training ``arch`` in ``layout`` with Megatron's Adam (see the module doc)."""
+    """Per-GPU memory of training ``arch`` in ``layout`` with Megatron's Adam (see the module doc).
+
+    Each pipeline stage is estimated on its own (the first holds the embedding and the most
+    micro-batches in flight, the last the output layer and the logits); the result is the stage
+    with the largest total.
+    """
     tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
-    counts = [parameters_per_rank(arch, tp, pp, stage) for stage in range(pp)]
-    params = max(counts)
     weight_bytes, grad_bytes, optim_bytes = (2, 4, 12) if layout.bf16 else (4, 4, 8)
     if layout.distributed_optimizer:
         optim_bytes /= layout.data_parallel_size  # type: ignore[assignment]
-    in_flight: float = min(pp, layout.num_microbatches)
-    vpp = layout.virtual_pipeline_model_parallel_size
-    if vpp and pp > 1:
-        in_flight *= 1 + (pp - 1) / (pp * vpp)
-    layers = layers_per_stage(arch.num_layers, pp)[0]
+    e = 2 if layout.bf16 else 4
     embedding_out = (
         layout.seq_length / layout.context_parallel_size * layout.micro_batch_size * arch.hidden_size
     )
-    activations = in_flight * (
-        layers * _layer_activation_bytes(arch, layout) + embedding_out * (2 if layout.bf16 else 4)
-    )
-    return MemoryEstimate(
-        what=f"training, TP={tp} PP={pp} CP={layout.context_parallel_size} DP={layout.data_parallel_size}",
-        parameters=params,
-        weights=params * weight_bytes,
-        gradients=params * grad_bytes,
-        optimizer=params * optim_bytes,
-        activations=activations,
-        logits=_logit_bytes(arch, layout, training=True),
-    )
+    per_layer = _layer_activation_bytes(arch, layout)
+    vpp = layout.virtual_pipeline_model_parallel_size
+    stages = []
+    for stage, layers in enumerate(layers_per_stage(arch.num_layers, pp)):
+        # 1F1B: stage i holds the activations of PP - i micro-batches at its peak; interleaving
+        # adds (PP - 1) / (PP x VPP) of a stage's worth (Megatron-LM's theoretical memory).
+        in_flight: float = min(pp - stage, layout.num_microbatches)
+        if vpp and pp > 1:
+            in_flight *= 1 + (pp - 1) / (pp * vpp)
+        params = parameters_per_rank(arch, tp, pp, stage)
+        stages.append(
+            MemoryEstimate(
+                what=f"training, TP={tp} PP={pp} CP={layout.context_parallel_size} "
+                f"DP={layout.data_parallel_size}" + (f", stage {stage}" if pp > 1 else ""),
+                parameters=params,
+                weights=params * weight_bytes,
+                gradients=params * grad_bytes,
+                optimizer=params * optim_bytes,
+                activations=in_flight * (layers * per_layer + (embedding_out * e if stage == 0 else 0.0)),
+                logits=_logit_bytes(arch, layout, training=True) if stage == pp - 1 else 0.0,
+            )
+        )
+    return max(stages, key=lambda estimate: estimate.total)
 
 
 def forward_memory(arch: Architecture, layout: Layout) -> MemoryEstimate:
@@ -287,8 +301,9 @@ def forward_memory(arch: Architecture, layout: Layout) -> MemoryEstimate:
         weights=params * (2 if layout.bf16 else 4),
         gradients=0.0,
         optimizer=0.0,
-        # Nothing is kept across layers without a backward: one layer's working set at a time.
-        activations=_layer_activation_bytes(arch, layout),
+        # Nothing is kept across layers without a backward: one layer's working set at a time,
+        # plus the collated window's attention masks.
+        activations=_layer_activation_bytes(arch, layout) + layout.resident_mask_rows * layout.seq_length**2,
         logits=_logit_bytes(arch, layout, training=False),
     )
 
@@ -389,7 +404,6 @@ def dry_run_score(cfg: Any) -> int:
 
     from nemo_dcod.config import ConfigError
     from nemo_dcod.data.readers import DataError
-    from nemo_dcod.model.families import have_transformer_engine
     from nemo_dcod.score.run import resolve_checkpoint
 
     problems = cfg.problems(has_gpu=True if cfg.dtype == "bf16" else None)
@@ -405,12 +419,37 @@ def dry_run_score(cfg: Any) -> int:
         raise ConfigError(problems, "dry run")
     from nemo.lightning import io
 
-    config = io.load_context(str(checkpoint), subpath="model").config
+    try:
+        config = io.load_context(str(checkpoint), subpath="model").config
+    except Exception as exc:  # a context of another NeMo version, a truncated file, ...
+        raise ConfigError(
+            [f"checkpoint={checkpoint}: its context/ cannot be read: {exc}"], "dry run"
+        ) from exc
     manifest = Path(cfg.store) / "manifest.json"
-    seq_length = (
-        int(json.loads(manifest.read_text())["seq_length"]) if manifest.is_file() else config.seq_length
-    )
+    try:
+        stored = int(json.loads(manifest.read_text())["seq_length"]) if manifest.is_file() else None
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ConfigError([f"store={cfg.store}: unreadable manifest.json: {exc}"], "dry run") from exc
+    seq_length = stored or int(config.seq_length)
     p = cfg.parallel
+    arch = Architecture.of(config)
+    divisible = [
+        ("pipeline_model_parallel_size", p.pipeline_model_parallel_size, "layers", arch.num_layers),
+        (
+            "tensor_model_parallel_size",
+            p.tensor_model_parallel_size,
+            "attention heads",
+            arch.num_attention_heads,
+        ),
+        ("tensor_model_parallel_size", p.tensor_model_parallel_size, "query groups", arch.num_query_groups),
+    ]
+    layout_problems = [
+        f"parallel.{name}={size}: must divide the checkpoint's {count} {what}."
+        for name, size, what, count in divisible
+        if count % size
+    ]
+    if layout_problems:
+        raise ConfigError(layout_problems, "dry run")
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "checkpoint" and "bfloat16" in str(config.params_dtype))
     layout = Layout(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -419,10 +458,10 @@ def dry_run_score(cfg: Any) -> int:
         seq_length=seq_length,
         micro_batch_size=cfg.trainer.micro_batch_size,
         bf16=bf16,
-        fused_attention=have_transformer_engine(),
+        fused_attention=False,  # score runs the local layer spec (see load_nemo_model's local_spec)
         loss_chunk_rows=cfg.chunk_size,
+        resident_mask_rows=cfg.trainer.micro_batches_per_call * cfg.trainer.micro_batch_size,
     )
-    arch = Architecture.of(config)
     estimate = forward_memory(arch, layout)
     print(
         f"score: {checkpoint} ({arch.total_parameters() / 1e9:.2f}B parameters), {cfg.world_size} ranks = "

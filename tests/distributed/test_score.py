@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -306,3 +307,26 @@ def test_train_from_imported_qwen_with_unpadded_vocabulary(
         tmp_path / "bad.log",
     )
     assert bad.returncode == 2 and "does not divide the 320 vocabulary rows" in bad.stderr
+
+
+def test_dry_run_reads_the_checkpoint_and_checks_the_layout(setup: dict[str, Path]) -> None:
+    """`score --dry-run`: the checkpoint's architecture and the store's rows give the estimate;
+    a layout the checkpoint cannot take is refused before any rank starts; nothing is written."""
+    before = _files(setup["store"])
+    base = [NEMO_DCOD, "score", "--dry-run", f"checkpoint={setup['checkpoint']}", f"store={setup['store']}"]
+    ok = _run(
+        [*base, "trainer.devices=2", "parallel.tensor_model_parallel_size=2"], setup["root"] / "dry.log"
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert re.search(r"^score: .* 2 ranks = TP 2 x PP 1 x DP 1, \d+-token rows", ok.stdout, re.M), ok.stdout
+    assert re.search(
+        r"^memory estimate per GPU \(forward only, TP=2 PP=1 DP=1\): [\d.]+ GiB .* fits", ok.stdout, re.M
+    )
+    bad = _run(
+        [*base, "trainer.devices=3", "parallel.pipeline_model_parallel_size=3"], setup["root"] / "dry3.log"
+    )
+    assert (
+        bad.returncode == 2
+        and "pipeline_model_parallel_size=3: must divide the checkpoint's 4 layers" in bad.stderr
+    )
+    assert _files(setup["store"]) == before

@@ -74,13 +74,16 @@ def test_score_logits_equals_the_unsharded_math(tp: int) -> None:
         torch.testing.assert_close(out.topk_logprobs, reference["topk_logprobs"].float(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("levels", [2, 5, None])
+@pytest.mark.parametrize("levels", [2, 5, None, 0])
 def test_topk_ids_with_wide_and_narrow_ties_equal_a_stable_sort(levels: int | None) -> None:
     """Shards wider than k + the tie margin: exact order with 2 or 5 distinct values (ties wider than
-    the float top-k's candidates: the full-key path) and with continuous values (the fast path)."""
+    the float top-k's candidates: the full-key path), with continuous values (the fast path), and
+    with every logit +0.0 or -0.0 (equal values, different bits)."""
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 40, 300, generator=gen)
-    if levels is not None:
+    if levels == 0:
+        logits = torch.where(logits > 0, 0.0, -0.0)
+    elif levels is not None:
         logits = torch.randint(0, levels, logits.shape, generator=gen).float()
     for k in (1, 5, 16):
         reference = logits[..., :257].argsort(dim=-1, descending=True, stable=True)[..., :k]

@@ -50,3 +50,18 @@ def test_gpu_recipe_reaches_nemo_precision_and_model_config() -> None:
     optim = model.optim.config
     assert optim.use_distributed_optimizer and optim.bf16 and optim.clip_grad == 1.0
     assert model.loss_settings["name"] == "discord" and model.real_vocab_size == 128256
+
+
+def test_transformer_engine_spec_refuses_a_store_with_packed_documents(tmp_path: Path) -> None:
+    """TE's fused causal attention ignores the block-diagonal mask: a packed store needs the local spec."""
+    from nemo_dcod.data.config import PrepareConfig
+    from nemo_dcod.data.prepare import run_prepare
+
+    store = tmp_path / "store"
+    run_prepare(load_config(PrepareConfig, ROOT / "conf/prepare_tiny.yaml", [f"out_dir={store}"]), quiet=True)
+    overrides = [f"data.path={store}"]
+    te = load_config(TrainConfig, ROOT / "conf/train_store_tiny.yaml", [*overrides, "model.spec=te"], check=False)
+    problems = te.problems(has_gpu=True)
+    assert any("would let each document attend to the ones before it" in p for p in problems), problems
+    local = load_config(TrainConfig, ROOT / "conf/train_store_tiny.yaml", [*overrides, "model.spec=local"], check=False)
+    assert local.problems(has_gpu=True) == []
