@@ -111,8 +111,12 @@ def _nemo_logits_tp(
     for ckpt in checkpoints:
         with megatron_parallel(world // pp, pp):
             mcore, model = load_nemo_model(Path(ckpt))
-            layer = mcore.output_layer if mcore.post_process else mcore.embedding.word_embeddings
-            shard_rows = layer.weight.shape[0]
+            # The output layer's rows on the last stage (the embedding's when they are tied: the
+            # output layer then holds no weight of its own at PP = 1), the embedding's elsewhere.
+            weight = mcore.output_layer.weight if mcore.post_process else None
+            if weight is None:
+                weight = mcore.shared_embedding_or_output_weight()
+            shard_rows = weight.shape[0]
             results.append((type(model).__name__, shard_rows, nemo_logits(mcore, rows)))
     return results
 
