@@ -332,6 +332,26 @@ def train_estimate(cfg: Any, gpt_config: Any) -> MemoryEstimate:
     return train_memory(Architecture.of(gpt_config), layout)
 
 
+def _report_fit(stage: str, layout: str, estimate: MemoryEstimate, advice: str) -> int:
+    """Print a dry run's layout line and estimate; 0, or 1 (with what to change) when it does not fit.
+
+    Raises:
+        ConfigError: an unreadable :data:`USABLE_GIB_ENV`.
+    """
+    from nemo_dcod.config import ConfigError
+
+    try:
+        usable = usable_gib()
+    except ValueError as exc:
+        raise ConfigError([str(exc)], "environment") from None
+    print(f"{stage}: {layout}: config ok")
+    print(estimate.describe(usable))
+    if estimate.fits(usable):
+        return 0
+    print(f"{stage}: change the layout ({advice}) or set {USABLE_GIB_ENV} for GPUs with more memory.")
+    return 1
+
+
 def dry_run_train(cfg: Any) -> int:
     """``nemo-dcod train --dry-run``: validate as on the job's machine, print layout and memory.
 
@@ -363,28 +383,19 @@ def dry_run_train(cfg: Any) -> int:
         overrides=cfg.model.overrides(),
         use_te=False,  # the architecture's numbers only; no layer is built
     )
-    try:
-        usable = usable_gib()
-    except ValueError as exc:
-        raise ConfigError([str(exc)], "environment") from None
-    estimate = train_estimate(cfg, gpt_config)
     tp = p.tensor_model_parallel_size
-    print(
-        f"train: {cfg.model.family} {cfg.model.size}, {cfg.world_size} ranks = TP {tp}"
+    layout = (
+        f"{cfg.model.family} {cfg.model.size}, {cfg.world_size} ranks = TP {tp}"
         f" x PP {p.pipeline_model_parallel_size} x CP {p.context_parallel_size} x DP {cfg.data_parallel_size}"
         f"{' (sequence parallel)' if p.sequence_parallel else ''}, {cfg.data.seq_length}-token rows, "
         f"micro-batch {cfg.trainer.micro_batch_size}, global batch {cfg.trainer.global_batch_size}, "
         f"{cfg.precision.dtype}{' + FP8 ' + str(cfg.precision.fp8) if cfg.precision.fp8 else ''}, "
-        f"distributed optimizer {'on' if cfg.use_distributed_optimizer else 'off'}: config ok"
+        f"distributed optimizer {'on' if cfg.use_distributed_optimizer else 'off'}"
     )
-    print(estimate.describe(usable))
-    if not estimate.fits(usable):
-        print(
-            "train: change the layout (more tensor / pipeline parallelism, sequence parallel, a smaller "
-            f"micro-batch, the distributed optimizer) or set {USABLE_GIB_ENV} for larger GPUs."
-        )
-        return 1
-    return 0
+    advice = (
+        "more tensor / pipeline parallelism, sequence parallel, a smaller micro-batch, distributed optimizer"
+    )
+    return _report_fit("train", layout, train_estimate(cfg, gpt_config), advice)
 
 
 def dry_run_score(cfg: Any) -> int:
@@ -410,10 +421,6 @@ def dry_run_score(cfg: Any) -> int:
     try:
         checkpoint = resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     except DataError as exc:
-        problems.append(str(exc))
-    try:
-        usable = usable_gib()
-    except ValueError as exc:
         problems.append(str(exc))
     if problems or checkpoint is None:
         raise ConfigError(problems, "dry run")
@@ -462,19 +469,12 @@ def dry_run_score(cfg: Any) -> int:
         loss_chunk_rows=cfg.chunk_size,
         resident_mask_rows=cfg.trainer.micro_batches_per_call * cfg.trainer.micro_batch_size,
     )
-    estimate = forward_memory(arch, layout)
-    print(
-        f"score: {checkpoint} ({arch.total_parameters() / 1e9:.2f}B parameters), {cfg.world_size} ranks = "
+    line = (
+        f"{checkpoint} ({arch.total_parameters() / 1e9:.2f}B parameters), {cfg.world_size} ranks = "
         f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
         f"x DP {cfg.data_parallel_size}, "
         f"{seq_length}-token rows, micro-batch {cfg.trainer.micro_batch_size}, "
-        f"{'bf16' if bf16 else 'fp32'}: config ok"
+        f"{'bf16' if bf16 else 'fp32'}"
     )
-    print(estimate.describe(usable))
-    if not estimate.fits(usable):
-        print(
-            "score: use more tensor / pipeline parallelism or a smaller micro-batch, "
-            f"or set {USABLE_GIB_ENV}."
-        )
-        return 1
-    return 0
+    advice = "more tensor / pipeline parallelism or a smaller micro-batch"
+    return _report_fit("score", line, forward_memory(arch, layout), advice)
