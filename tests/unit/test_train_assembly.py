@@ -60,8 +60,12 @@ def test_transformer_engine_spec_refuses_a_store_with_packed_documents(tmp_path:
     store = tmp_path / "store"
     run_prepare(load_config(PrepareConfig, ROOT / "conf/prepare_tiny.yaml", [f"out_dir={store}"]), quiet=True)
     overrides = [f"data.path={store}"]
-    te = load_config(TrainConfig, ROOT / "conf/train_store_tiny.yaml", [*overrides, "model.spec=te"], check=False)
+    te = load_config(
+        TrainConfig, ROOT / "conf/train_store_tiny.yaml", [*overrides, "model.spec=te"], check=False
+    )
     problems = te.problems(has_gpu=True)
     assert any("would let each document attend to the ones before it" in p for p in problems), problems
-    local = load_config(TrainConfig, ROOT / "conf/train_store_tiny.yaml", [*overrides, "model.spec=local"], check=False)
+    local = load_config(
+        TrainConfig, ROOT / "conf/train_store_tiny.yaml", [*overrides, "model.spec=local"], check=False
+    )
     assert local.problems(has_gpu=True) == []
