@@ -83,8 +83,14 @@ _STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
 # stage -> its dry run: validate as on the job's machine, print the layout and the per-GPU memory
 # estimate, run nothing (before asking a cluster for GPUs).
 DRY_RUNS: dict[str, str] = {
-    "train": "nemo_dcod.train.memory:dry_run_train",
-    "score": "nemo_dcod.train.memory:dry_run_score",
+    "prepare": "nemo_dcod.data.dry_run:dry_run_prepare",
+    "score": "nemo_dcod.score.dry_run:dry_run_score",
+    "train": "nemo_dcod.train.dry_run:dry_run_train",
+}
+# Dry-run options -> the dry runs that take them.
+_DRY_RUN_OPTIONS: dict[str, tuple[str, ...]] = {
+    "store_plan": ("prepare", "score", "train"),
+    "made_later": ("prepare", "score", "train"),
 }
 
 
@@ -96,12 +102,23 @@ def _resolve(ref: str) -> Any:
 def _stage(name: str) -> Callable[..., int]:
     _, schema, run, errors = _STAGE_SPECS[name]
 
-    def call(config: str | None, overrides: Sequence[str], dry_run: bool = False) -> int:
+    def call(config: str | None, overrides: Sequence[str], dry_run: bool = False, **options: Any) -> int:
+        given = {k: v for k, v in options.items() if v not in (None, False)}
+        wrong = [k for k in given if not dry_run or name not in _DRY_RUN_OPTIONS[k]]
+        if wrong:
+            flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+            raise ConfigError(
+                [f"{flags}: options of the dry runs of {', '.join(DRY_RUNS)} only."], "command line"
+            )
         if dry_run:
             if name not in DRY_RUNS:
                 raise ConfigError([f"--dry-run: only for {', '.join(DRY_RUNS)}."], "command line")
             unchecked = load_config(_resolve(schema), config, overrides, check=False)  # the dry run checks
-            return int(_resolve(DRY_RUNS[name])(unchecked))
+            try:
+                return int(_resolve(DRY_RUNS[name])(unchecked, **given))
+            except tuple(_resolve(e) for e in errors) as exc:
+                print(f"nemo-dcod {name} --dry-run: {exc}", file=sys.stderr)
+                return 1
         cfg = load_config(_resolve(schema), config, overrides)
         try:
             _resolve(run)(cfg)
@@ -148,8 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help=f"{'/'.join(DRY_RUNS)}: validate the config as on the machine it is for, print the parallel "
-        "layout and the per-GPU memory estimate, run nothing",
+        help=f"{'/'.join(DRY_RUNS)}: apply every check the run applies at start, as on the machine it is "
+        "for; print the parallel layout and the per-GPU memory estimate; run nothing",
+    )
+    parser.add_argument(
+        "--store-plan",
+        metavar="FILE",
+        help="dry runs: check against this store plan when the store does not exist yet; prepare and "
+        "score write (update) it with what they will make",
+    )
+    parser.add_argument(
+        "--made-later",
+        action="store_true",
+        help="dry runs: what an earlier job of the chain makes (prepare: the trace files; score: the "
+        "checkpoint; train: model.init_from) is not there yet: the checks that read it run in the job",
     )
     flags = parser.add_argument_group("import / export flags (shorthands for config keys)")
     for name, (stages, key) in FLAGS.items():
@@ -194,7 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         overrides = [*flag_overrides(args), *args.overrides]
-        return STAGES[args.stage][1](args.config, overrides, dry_run=args.dry_run)
+        return STAGES[args.stage][1](
+            args.config,
+            overrides,
+            dry_run=args.dry_run,
+            store_plan=args.store_plan,
+            made_later=args.made_later,
+        )
     except ConfigError as exc:
         print(f"nemo-dcod {args.stage}: {exc}", file=sys.stderr)
         return 2

@@ -264,6 +264,14 @@ def load_nemo_model(
         from nemo.collections.llm.gpt.model.base import local_layer_spec
 
         config.transformer_layer_spec = local_layer_spec
+        # The checkpoint's config may come from a TE run, with the masked-softmax fusion on. With
+        # the causal mask type, megatron's fused kernel (NVIDIA's containers have it) takes the
+        # upper-triangular path for bf16/fp16 scores up to 4096 keys and ignores the mask it is
+        # given: packed documents would attend across their boundaries. The unfused softmax
+        # applies the mask; TE-only fusions go too (the local layers have none).
+        for name in ("masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm"):
+            if hasattr(config, name):
+                setattr(config, name, False)
     with _tied_embeddings_from_checkpoint():
         mcore = config.configure_model(nemo_model.tokenizer)
     # NeMo 2 stores the model under "module." (MegatronParallel's prefix for one model chunk).
@@ -295,7 +303,10 @@ def pipeline_forward(
         mcore: Megatron ``GPTModel`` built for the current parallel state (eval mode).
         micro_batches: each ``tokens`` and ``position_ids`` ``[B, S]`` int64, optional
             ``attention_mask`` ``[B, 1, S, S]`` bool (True = masked out; None: causal), and any
-            other key ``on_logits`` reads. All of one ``B`` and ``S``.
+            other key ``on_logits`` reads. All of one ``B`` and ``S``. With THD metadata
+            (``cu_seqlens`` ``[1, N + 1]`` over the ``B·S`` flattened tokens, ``max_seqlen``; for
+            Transformer Engine layers) the ``B`` rows run as one packed sequence of ``B·S`` tokens
+            and no mask.
         on_logits: ``(logits [B, S, V/TP], micro_batch) -> result``, on the last stage only.
 
     Returns:
@@ -313,27 +324,36 @@ def pipeline_forward(
             f"once); got {sorted({tuple(b['tokens'].shape) for b in micro_batches})}."
         )
 
+    from nemo_dcod.model.steps import packed_seq_params
+
+    packed = "cu_seqlens" in micro_batches[0]
+
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any) -> Any:
         batch = next(data_iterator)
+        params = packed_seq_params(batch) if packed else None
+        rows = batch["tokens"].shape
         output = model(
-            input_ids=batch["tokens"],
-            position_ids=batch["position_ids"],
-            attention_mask=batch.get("attention_mask"),
+            input_ids=batch["tokens"].reshape(1, -1) if packed else batch["tokens"],
+            position_ids=batch["position_ids"].reshape(1, -1) if packed else batch["position_ids"],
+            attention_mask=None if packed else batch.get("attention_mask"),
+            **({"packed_seq_params": params} if packed else {}),
         )
 
         def collect(output_tensor: torch.Tensor, non_loss_data: bool = True) -> Any:
             del non_loss_data  # always True: collect_non_loss_data below
-            return on_logits(output_tensor, batch)
+            return on_logits(output_tensor.reshape(*rows, -1) if packed else output_tensor, batch)
 
         return output, collect
 
+    # A THD pack is one sequence of B x S tokens for the schedule (its p2p buffers are [B·S, 1, H]).
+    seq_length, micro_batch_size = (shape[0] * shape[1], 1) if packed else (shape[1], shape[0])
     results: list[Any] = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(micro_batches),
         model=[mcore],
         num_microbatches=len(micro_batches),
-        seq_length=shape[1],
-        micro_batch_size=shape[0],
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=True,
         collect_non_loss_data=True,  # the last stage's results come back as they are
     )

@@ -95,8 +95,10 @@ class PrepareConfig:
     """Tokens per packed sample (the training seq_length)."""
     overlong: str = field(default="truncate", metadata={"choices": ("truncate", "drop")})
     """A trace longer than seq_length: keep its first seq_length tokens, or drop it (counted)."""
-    packing: str = field(default="best_fit", metadata={"choices": ("best_fit", "sequential")})
-    """best_fit: longest first into the fullest row that fits (fewest rows); sequential: input order."""
+    packing: str = field(default="best_fit", metadata={"choices": ("best_fit", "sequential", "none")})
+    """best_fit: longest first into the fullest row that fits (fewest rows); sequential: input order;
+    none: one document per row, padded (correct with every attention kernel, no THD or block mask
+    needed; the report shows the padding it costs)."""
     answer_filter: str = field(default="none", metadata={"choices": ("none", "auto", "boxed", "gsm8k")})
     """Keep a trace only if its final answer equals the reference: the last \\boxed{...}, the text
     after GSM8K's ####, or auto (boxed, else ####); none: keep all."""

@@ -10,9 +10,11 @@ NeMo records a data module in a checkpoint's context by its arguments.
 :class:`StoreTraceDataModule` reads the packed store made by ``nemo-dcod prepare``. Training samples
 are the store's rows repeated in order as many times as ``max_steps x global_batch_size`` needs
 (Megatron's sampler does not start new epochs); the last ``num_val_samples`` rows are held out for
-validation. Batches carry the ``[B, 1, S, S]`` block-diagonal causal attention mask, so no token
-attends across a packed-document boundary (Megatron's unfused attention, the CPU path, applies
-it; see :mod:`nemo_dcod.data` for GPU kernels).
+validation. How batches keep packed documents apart depends on the attention that runs
+(:data:`ATTENTION_FORMS`): the ``[B, 1, S, S]`` block-diagonal causal mask for megatron-core's
+local attention (its unfused softmax applies it), Transformer Engine's THD boundaries
+(:mod:`nemo_dcod.data.thd`, one row per micro-batch), or nothing but causality when every row
+holds one document.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ import torch
 from nemo.lightning import io
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["MegatronSampledDataModule", "RepeatedRows", "StoreTraceDataModule"]
+__all__ = ["ATTENTION_FORMS", "MegatronSampledDataModule", "RepeatedRows", "StoreTraceDataModule"]
+
+ATTENTION_FORMS = ("dense_mask", "thd", "causal")
+"""How a store batch carries document boundaries: a dense block-diagonal mask (local attention),
+THD metadata (Transformer Engine), or none (one document per row: the causal mask is enough)."""
 
 
 class MegatronSampledDataModule(pl.LightningDataModule):
@@ -121,6 +127,10 @@ class StoreTraceDataModule(MegatronSampledDataModule, io.IOMixin):
         seq_length, micro_batch_size, global_batch_size: must match the store / the trainer.
         num_train_samples: training samples to serve (max_steps x global_batch_size).
         num_val_samples: rows held out from the end of the store for validation (0: none).
+        attention: one of :data:`ATTENTION_FORMS`.
+        doc_multiple, row_length: THD only (:func:`~nemo_dcod.data.thd.pad_row`): each document
+            padded to a multiple of ``doc_multiple`` positions, rows to ``row_length`` tokens (the
+            pipeline's sequence length); None: the store's.
     """
 
     def __init__(
@@ -131,10 +141,17 @@ class StoreTraceDataModule(MegatronSampledDataModule, io.IOMixin):
         global_batch_size: int,
         num_train_samples: int,
         num_val_samples: int = 0,
+        attention: str = "dense_mask",
+        doc_multiple: int = 1,
+        row_length: int | None = None,
     ) -> None:
         from nemo_dcod.data.store import PackedStore, collate_packed
+        from nemo_dcod.data.thd import collate_thd
 
-        super().__init__(seq_length, micro_batch_size, global_batch_size)
+        if attention not in ATTENTION_FORMS:
+            raise ValueError(f"attention={attention!r}: one of {', '.join(ATTENTION_FORMS)}.")
+        length = row_length or seq_length
+        super().__init__(length if attention == "thd" else seq_length, micro_batch_size, global_batch_size)
         store = PackedStore(path)
         if store.seq_length != seq_length:
             raise ValueError(f"{path}: rows of {store.seq_length} tokens, data.seq_length={seq_length}.")
@@ -145,4 +162,7 @@ class StoreTraceDataModule(MegatronSampledDataModule, io.IOMixin):
         # Whole global batches (the sampler drops a partial one): repeat the held-out rows as needed.
         val_length = -(-max(num_val_samples, 1) // global_batch_size) * global_batch_size
         self.val_ds = RepeatedRows(store, val_rows, val_length)
-        self.collate_fn = functools.partial(collate_packed, attention_mask=True)
+        if attention == "thd":
+            self.collate_fn = functools.partial(collate_thd, doc_multiple=doc_multiple, row_length=length)
+        else:
+            self.collate_fn = functools.partial(collate_packed, attention_mask=attention == "dense_mask")

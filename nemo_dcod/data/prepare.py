@@ -64,7 +64,8 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _pad_token_id(tok: Any) -> int:
+def pad_token_id(tok: Any) -> int:
+    """The token of padding positions: the tokenizer's pad token, else its end of sequence, else 0."""
     for value in (tok.pad_token_id, tok.eos_token_id):
         if value is not None:
             return int(value)
@@ -126,7 +127,7 @@ def build_shard(
             _count(item, cfg, skipped, examples)
         else:
             documents.append(item)
-    packed = pack_documents(documents, cfg.seq_length, _pad_token_id(tt.tok), cfg.packing)
+    packed = pack_documents(documents, cfg.seq_length, pad_token_id(tt.tok), cfg.packing)
     info = {
         "key": key,
         "index": spec.index,
@@ -221,7 +222,9 @@ def _report(cfg: PrepareConfig, infos: list[dict[str, Any]], reused: int, second
         "tokens": tokens,
         "loss_tokens": sum(i["loss_tokens"] for i in infos),
         "teacher_filled_tokens": sum(i["teacher_filled_tokens"] for i in infos),
+        "packing": cfg.packing,
         "packing_efficiency": tokens / (rows * cfg.seq_length) if rows else 0.0,
+        "padding_tokens": rows * cfg.seq_length - tokens,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else 0.0,
     }
@@ -238,7 +241,8 @@ def format_report(report: dict[str, Any], out_dir: str) -> str:
         lines.append(f"  skipped {reason}: {n}   e.g. {first}")
     lines.append(
         f"  {report['rows']} rows x {report['seq_length']} tokens, {report['tokens']} tokens "
-        f"({report['loss_tokens']} trained), packing efficiency {report['packing_efficiency']:.3f}; "
+        f"({report['loss_tokens']} trained), packing {report.get('packing', '?')}: efficiency "
+        f"{report['packing_efficiency']:.3f} ({report.get('padding_tokens', '?')} padding tokens); "
         f"{report['shards']} shards ({report['shards_reused']} reused), {report['seconds']:.1f} s"
     )
     return "\n".join(lines)
@@ -339,7 +343,7 @@ def _manifest(
         "version": STORE_VERSION,
         "key": run_key,
         "seq_length": s,
-        "pad_token_id": _pad_token_id(tokenizer.tok),
+        "pad_token_id": pad_token_id(tokenizer.tok),
         "vocab_size": len(tokenizer.tok),
         "tokenizer": {"path": os.path.abspath(cfg.tokenizer), "fingerprint": fingerprint},
         "teacher": {"logprobs": "generation" if cfg.fields.has_teacher() else None, "topk": 0},

@@ -98,8 +98,11 @@ class PackedShard:
 
 
 def _assign_rows(lengths: Sequence[int], seq_length: int, policy: str) -> list[list[int]]:
-    """Documents per row. best_fit: longest first, each into the fullest row it fits (O(D log R))."""
+    """Documents per row. best_fit: longest first, each into the fullest row it fits (O(D log R));
+    sequential: in order, a new row when the next does not fit; none: one per row."""
     rows: list[list[int]] = []
+    if policy == "none":
+        return [[i] for i in range(len(lengths))]
     if policy == "sequential":
         room = 0
         for i, n in enumerate(lengths):
@@ -133,7 +136,7 @@ def pack_documents(
         documents: each at most ``seq_length`` tokens.
         seq_length: tokens per row.
         pad_token_id: token of padding positions and label of each document's last position.
-        policy: best_fit | sequential.
+        policy: best_fit | sequential | none.
     """
     lengths = [len(d.tokens) for d in documents]
     assert all(0 < n <= seq_length for n in lengths), "documents must be cut to seq_length first"

@@ -71,6 +71,10 @@ class ScoreConfig:
     checkpoint: the dtype the checkpoint was saved in. bf16 needs a GPU."""
     chunk_size: int | None = None
     """Tokens per chunk of the vocab-parallel log-softmax (bounds its fp32 buffer); null: one chunk."""
+    spec: str = field(default="auto", metadata={"choices": ("auto", "local", "te")})
+    """Layer implementation: te (Transformer Engine: fused attention over packed rows as THD, GPU),
+    local (megatron-core's layers, a dense block-diagonal mask, unfused attention: slower), auto
+    (te where it imports)."""
     overwrite: bool = False
     """Replace teacher columns the store already has from elsewhere (the generation engine's
     log-probs, or another model or settings); otherwise that is an error."""
@@ -132,6 +136,10 @@ class ScoreConfig:
                 has_gpu = torch.cuda.is_available()
         if self.dtype == "bf16" and not has_gpu:
             out.append("dtype=bf16: needs a GPU (this machine has none); use fp32.")
+        if self.spec == "te" and not has_gpu:
+            out.append(
+                "spec=te: Transformer Engine needs a GPU (this machine has none); use spec=local or auto."
+            )
         return out
 
     def content_settings(self) -> dict[str, Any]:

@@ -51,7 +51,15 @@ from nemo_dcod.data.readers import DataError
 from nemo_dcod.data.store import SCORING_MARKER, PackedStore, read_manifest, write_json_atomic
 from nemo_dcod.score.config import ScoreConfig
 
-__all__ = ["ScoreError", "ScorePlan", "micro_batches_of", "plan_scoring", "run_score", "vocabulary_diff"]
+__all__ = [
+    "ScoreError",
+    "ScorePlan",
+    "micro_batches_of",
+    "plan_scoring",
+    "run_score",
+    "uses_transformer_engine",
+    "vocabulary_diff",
+]
 
 ROW_INPUTS = ("tokens", "loss_mask", "segment_ids")
 KILL_AFTER_ENV = "NEMO_DCOD_SCORE_KILL_AFTER_SHARDS"
@@ -80,6 +88,7 @@ class ScorePlan:
     dtype: str
     chunk_size: int | None
     seed: int
+    spec: str = "auto"
 
 
 # --------------------------------------------------------------------------- checks
@@ -274,6 +283,7 @@ def plan_scoring(cfg: ScoreConfig) -> ScorePlan | None:
         dtype=cfg.dtype,
         chunk_size=cfg.chunk_size,
         seed=cfg.seed,
+        spec=cfg.spec,
     )
 
 
@@ -281,16 +291,28 @@ def plan_scoring(cfg: ScoreConfig) -> ScorePlan | None:
 
 
 def micro_batches_of(
-    store: PackedStore, rows: range, micro_batch_size: int, device: Any
+    store: PackedStore, rows: range, micro_batch_size: int, device: Any, thd: bool = False
 ) -> list[dict[str, Any]]:
-    """Rows of ``store`` as training batches them (:func:`collate_packed` with the attention mask),
-    ``micro_batch_size`` at a time (the last one smaller), on ``device``."""
-    from nemo_dcod.data.store import collate_packed
+    """Rows of ``store``, ``micro_batch_size`` at a time (the last one smaller), on ``device``.
+
+    Dense (``thd=False``): as training batches them for the local layers (:func:`collate_packed`
+    with the block-diagonal attention mask). THD (Transformer Engine): no mask; the micro-batch's
+    rows run as one packed sequence, each document (and padding run) one sequence of it
+    (``cu_seqlens`` over the ``B·S`` flattened tokens, ``max_seqlen`` on the host).
+    """
+    import torch
+
+    from nemo_dcod.data.store import collate_packed, cu_seqlens
 
     out = []
     for lo in range(rows.start, rows.stop, micro_batch_size):
-        batch = collate_packed([store[i] for i in range(lo, min(lo + micro_batch_size, rows.stop))], True)
-        out.append({k: v.to(device) for k, v in batch.items()})
+        batch = collate_packed([store[i] for i in range(lo, min(lo + micro_batch_size, rows.stop))], not thd)
+        moved = {k: v.to(device) for k, v in batch.items()}
+        if thd:
+            cu = cu_seqlens(batch["segment_ids"])
+            moved["cu_seqlens"] = cu[None].to(device)
+            moved["max_seqlen"] = torch.diff(cu).max().to(torch.int64).view(1)  # host
+        out.append(moved)
     return out
 
 
@@ -302,7 +324,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def _score_shard(
-    mcore: Any, store: PackedStore, k: int, plan: ScorePlan, device: Any
+    mcore: Any, store: PackedStore, k: int, plan: ScorePlan, device: Any, thd: bool
 ) -> dict[str, Any] | None:
     """Score shard ``k``; on the writer rank its columns (numpy), else None."""
     from nemo_dcod.score.core import score_micro_batches
@@ -323,7 +345,7 @@ def _score_shard(
         scored.extend(
             score_micro_batches(
                 mcore,
-                micro_batches_of(store, range(lo, hi), mbs, device),
+                micro_batches_of(store, range(lo, hi), mbs, device, thd=thd),
                 vocab_size=plan.vocab_size,
                 topk=plan.topk,
                 chunk_size=plan.chunk_size,
@@ -348,6 +370,23 @@ def _write_shard_columns(where: Path, columns: dict[str, np.ndarray], info: dict
     for name, array in columns.items():
         _save_atomic(where / f"{name}.npy", array)
     write_json_atomic(where / "score.json", info)
+
+
+def uses_transformer_engine(spec: str) -> bool:
+    """Whether ``spec`` (auto | local | te) builds Transformer Engine layers on this machine.
+
+    Raises:
+        ScoreError: spec=te where TE cannot be imported.
+    """
+    from nemo_dcod.model.families import have_transformer_engine
+
+    if spec == "local":
+        return False
+    if spec == "te" and not have_transformer_engine():
+        raise ScoreError(
+            "spec=te: Transformer Engine cannot be imported here (pip install -e '.[gpu]'); use spec=local."
+        )
+    return have_transformer_engine()
 
 
 def score_rank(rank: int, world: int, plan: ScorePlan) -> dict[str, Any]:
@@ -392,13 +431,14 @@ def score_rank(rank: int, world: int, plan: ScorePlan) -> dict[str, Any]:
         ]
         # Every rank of a replica must run the same micro-batches: decide before anyone writes.
         dist.barrier()
-        # The local layer spec: its attention applies the block-diagonal mask of packed rows (TE's
-        # fused causal attention would let a document attend to the ones before it in the row).
-        mcore, _ = load_nemo_model(Path(plan.checkpoint), dtype, local_spec=True)
+        # Transformer Engine's layers take packed rows as THD (each document its own sequence);
+        # the local layers take the block-diagonal mask, which their unfused softmax applies.
+        te = uses_transformer_engine(plan.spec)
+        mcore, _ = load_nemo_model(Path(plan.checkpoint), dtype, local_spec=not te)
         start = time.perf_counter()
         for k in mine:
             shard_start = time.perf_counter()
-            columns = _score_shard(mcore, store, k, plan, device)
+            columns = _score_shard(mcore, store, k, plan, device, te)
             if writer:
                 assert columns is not None  # the last stage has the columns
                 rows = int(store.offsets[k + 1] - store.offsets[k])

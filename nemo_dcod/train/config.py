@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nemo_dcod.config import LossConfig, choice_problems
 from nemo_dcod.model.families import FAMILIES
+
+if TYPE_CHECKING:
+    from nemo_dcod.data.plan import StoreFacts
 
 __all__ = [
     "DataSection",
@@ -276,12 +279,17 @@ class TrainConfig:
         """Replicas (world size / model-parallel size)."""
         return max(self.world_size // max(self.model_parallel_size, 1), 1)
 
-    def problems(self, has_gpu: bool | None = None, check_paths: bool = True) -> list[str]:
+    def problems(
+        self, has_gpu: bool | None = None, check_paths: bool = True, store_plan: str | None = None
+    ) -> list[str]:
         """Every problem of this config, each naming the fields that clash and how to fix them.
 
         Args:
             has_gpu: validate as for a machine with (True) or without (False) a GPU; None: this one.
-            check_paths: also check the files the config names (the store's manifest).
+            check_paths: also check the files the config names (the store's manifest, the
+                ``model.init_from`` checkpoint).
+            store_plan: a store plan (:mod:`nemo_dcod.data.plan`) to check against when data.path
+                holds no store yet (dry runs at submission time).
         """
         if has_gpu is None:
             import torch
@@ -295,12 +303,12 @@ class TrainConfig:
         ):
             out.extend(choice_problems(section, prefix))
         out.extend(self.loss.problems("loss"))
-        out.extend(self._size_problems(check_paths, has_gpu))
-        out.extend(self._layout_problems())
+        out.extend(self._size_problems(check_paths, has_gpu, store_plan))
+        out.extend(self._layout_problems(has_gpu))
         out.extend(self._hardware_problems(has_gpu))
         return out
 
-    def _size_problems(self, check_paths: bool, has_gpu: bool) -> list[str]:
+    def _size_problems(self, check_paths: bool, has_gpu: bool, store_plan: str | None) -> list[str]:
         out = []
         sizes = FAMILY_SIZES.get(self.model.family, ())
         if sizes and self.model.size not in sizes:
@@ -338,7 +346,7 @@ class TrainConfig:
         if self.model.init_from is not None and check_paths:
             out.extend(self._init_from_problems())
         if self.data.source == "store":
-            out.extend(self._store_problems(has_gpu) if check_paths else [])
+            out.extend(self._store_problems(has_gpu, store_plan) if check_paths else [])
         elif self.loss.needs_topk() and self.data.topk == 0:
             out.append(
                 f"loss.name={self.loss.name!r} (base {self.loss.base!r}) reads the teacher top-k: "
@@ -396,61 +404,91 @@ class TrainConfig:
                 pass  # reported by _init_from_problems
         return self.model.shape()
 
-    def _store_problems(self, has_gpu: bool) -> list[str]:
+    def uses_transformer_engine(self, has_gpu: bool) -> bool:
+        """Whether the student is built with Transformer Engine layers: model.spec=te, or auto on a
+        GPU machine where TE is installed (found without importing it: TE raises without CUDA)."""
+        if self.model.spec != "auto":
+            return self.model.spec == "te"
+        if not has_gpu:
+            return False
         import importlib.util
-        import json
-        from pathlib import Path
 
-        d = self.data
-        if not d.path:
-            return ["data.source=store needs data.path (the out_dir of `nemo-dcod prepare`)."]
-        manifest_path = Path(d.path) / "manifest.json"
-        if not manifest_path.is_file():
-            return [
-                f"data.path={d.path}: no manifest.json, not a complete store (re-run `nemo-dcod prepare`)."
-            ]
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (ValueError, OSError) as exc:
-            return [f"data.path={d.path}: unreadable manifest.json ({exc}); re-run `nemo-dcod prepare`."]
-        out = []
-        counts = manifest.get("counts", {})
-        te = self.model.spec == "te" or (
-            self.model.spec == "auto"
-            and has_gpu
-            and importlib.util.find_spec("transformer_engine") is not None
+        import torch
+
+        if torch.cuda.is_available():  # this is the GPU machine: TE must also import
+            from nemo_dcod.model.families import have_transformer_engine
+
+            return have_transformer_engine()
+        return importlib.util.find_spec("transformer_engine") is not None
+
+    def attention_form(self, facts: StoreFacts, te: bool) -> str:
+        """How store batches keep documents apart (:data:`~nemo_dcod.data.module.ATTENTION_FORMS`):
+        THD boundaries for Transformer Engine, a dense block-diagonal mask for the local spec, or
+        nothing beyond causality when every row holds one document."""
+        if not facts.packed:
+            return "causal"
+        return "thd" if te else "dense_mask"
+
+    def thd_multiples(self) -> tuple[int, int]:
+        """(document, row) multiples of the THD layout for this parallel layout and precision."""
+        from nemo_dcod.data.thd import row_multiple
+
+        p = self.parallel
+        return row_multiple(
+            p.context_parallel_size,
+            p.tensor_model_parallel_size,
+            p.sequence_parallel,
+            self.precision.fp8 is not None,
         )
-        if te and int(counts.get("documents", 0)) > int(counts.get("rows", 0)):
-            # Transformer Engine's fused attention with the causal mask type ignores the dense
-            # block-diagonal mask; packed documents need PackedSeqParams (THD), not wired yet.
-            out.append(
-                f"model.spec={self.model.spec} (Transformer Engine) with the store at {d.path}, which packs "
-                f"{counts.get('documents')} documents into {counts.get('rows')} rows: TE's fused attention "
-                "would let each document attend to the ones before it in its row. Use model.spec=local, "
-                "or a store with one document per row."
-            )
-        if int(manifest.get("seq_length", -1)) != d.seq_length:
-            out.append(
-                f"data.seq_length={d.seq_length}: the store's rows have {manifest.get('seq_length')} tokens."
-            )
-        if int(manifest.get("vocab_size", -1)) != d.vocab_size:
-            out.append(
-                f"data.vocab_size={d.vocab_size}: the store's tokenizer has {manifest.get('vocab_size')}."
-            )
-        columns = manifest.get("columns", {})
+
+    def store_facts(self, plan: str | None = None) -> StoreFacts:
+        """The facts of data.path's store (or of the plan, when no store is there yet).
+
+        Raises:
+            ValueError: neither exists, or one is unreadable (the message says what to run).
+        """
+        from nemo_dcod.data.plan import store_facts
+
+        if not self.data.path:
+            raise ValueError("data.source=store needs data.path (the out_dir of `nemo-dcod prepare`).")
+        return store_facts(self.data.path, plan)
+
+    def _store_problems(self, has_gpu: bool, plan: str | None) -> list[str]:
+        d = self.data
+        try:
+            facts = self.store_facts(plan)
+        except ValueError as exc:
+            return [f"data.path={d.path}: {exc}"]
+        out = []
+        where = f"the store at {d.path}" + (
+            f" (planned: {facts.source})" if "manifest.json" not in facts.source else ""
+        )
+        if facts.seq_length != d.seq_length:
+            out.append(f"data.seq_length={d.seq_length}: {where} has rows of {facts.seq_length} tokens.")
+        if facts.vocab_size != d.vocab_size:
+            out.append(f"data.vocab_size={d.vocab_size}: the tokenizer of {where} has {facts.vocab_size}.")
         reads_teacher = self.loss.name not in ("sft", "dft")
-        if reads_teacher and columns.get("teacher_logprobs") is None:
+        if reads_teacher and facts.teacher_logprobs is None:
             out.append(
-                f"loss.name={self.loss.name!r} reads teacher log-probs, which the store at {d.path} lacks: "
+                f"loss.name={self.loss.name!r} reads teacher log-probs, which {where} lacks: "
                 "run `nemo-dcod score`, or train with loss.name=sft."
             )
-        if self.loss.needs_topk() and columns.get("teacher_topk_ids") is None:
+        if self.loss.needs_topk() and facts.topk == 0:
             out.append(
-                f"loss.name={self.loss.name!r} reads the teacher top-k: run `nemo-dcod score` with topk > 0."
+                f"loss.name={self.loss.name!r} reads the teacher top-k, which {where} lacks: run "
+                "`nemo-dcod score` with topk > 0."
+            )
+        te = self.uses_transformer_engine(has_gpu)
+        if self.attention_form(facts, te) == "thd" and self.trainer.micro_batch_size != 1:
+            out.append(
+                f"trainer.micro_batch_size={self.trainer.micro_batch_size}: Transformer Engine on packed "
+                "rows (THD) takes one row per micro-batch: set it to 1 and pack more documents per row (a "
+                "longer seq_length in prepare), or use a store with one document per row (prepare "
+                "packing=none)."
             )
         return out
 
-    def _layout_problems(self) -> list[str]:
+    def _layout_problems(self, has_gpu: bool) -> list[str]:
         p, t = self.parallel, self.trainer
         out = []
         mp = self.model_parallel_size
@@ -499,7 +537,21 @@ class TrainConfig:
             )
         if p.sequence_parallel and tp < 2:
             out.append("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1.")
+        if p.sequence_parallel and tp >= 1 and self.data.seq_length % tp:
+            out.append(
+                f"data.seq_length={self.data.seq_length} must be divisible by "
+                f"parallel.tensor_model_parallel_size={tp} with sequence parallelism (each rank holds "
+                "seq_length / TP positions)."
+            )
         cp = p.context_parallel_size
+        if cp > 1 and not self.uses_transformer_engine(has_gpu):
+            out.append(
+                f"parallel.context_parallel_size={cp} needs Transformer Engine layers (model.spec=te, on a "
+                f"GPU machine with TE; here model.spec={self.model.spec} builds megatron-core's local "
+                "layers): "
+                "the local attention cannot split a sequence over ranks (its DotProductAttention "
+                "requires context_parallel_size == 1). Set parallel.context_parallel_size=1."
+            )
         if cp > 1:
             if self.data.seq_length % (2 * cp):
                 out.append(

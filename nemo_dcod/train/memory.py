@@ -37,11 +37,10 @@ __all__ = [
     "Architecture",
     "Layout",
     "MemoryEstimate",
-    "dry_run_score",
-    "dry_run_train",
     "forward_memory",
     "layers_per_stage",
     "parameters_per_rank",
+    "report_fit",
     "train_estimate",
     "train_memory",
     "usable_gib",
@@ -182,7 +181,7 @@ class Layout:
     """Rows of logits the loss works on at a time (``loss.chunk_size``); None: all."""
     resident_mask_rows: int = 0
     """Rows whose dense ``[S, S]`` attention mask (1 byte each) sits on the device at once
-    (``score`` collates a window of micro-batches)."""
+    (``score`` collates a window of micro-batches; training keeps each in-flight micro-batch's)."""
 
 
 @dataclass
@@ -267,6 +266,8 @@ def train_memory(arch: Architecture, layout: Layout) -> MemoryEstimate:
         layout.seq_length / layout.context_parallel_size * layout.micro_batch_size * arch.hidden_size
     )
     per_layer = _layer_activation_bytes(arch, layout)
+    # Dense [S, S] masks (1 byte a position), one per in-flight micro-batch, shared by the layers.
+    mask_bytes = layout.resident_mask_rows * layout.seq_length**2
     vpp = layout.virtual_pipeline_model_parallel_size
     stages = []
     for stage, layers in enumerate(layers_per_stage(arch.num_layers, pp)):
@@ -284,7 +285,8 @@ def train_memory(arch: Architecture, layout: Layout) -> MemoryEstimate:
                 weights=params * weight_bytes,
                 gradients=params * grad_bytes,
                 optimizer=params * optim_bytes,
-                activations=in_flight * (layers * per_layer + (embedding_out * e if stage == 0 else 0.0)),
+                activations=in_flight * (layers * per_layer + (embedding_out * e if stage == 0 else 0.0))
+                + mask_bytes,
                 logits=_logit_bytes(arch, layout, training=True) if stage == pp - 1 else 0.0,
             )
         )
@@ -308,12 +310,21 @@ def forward_memory(arch: Architecture, layout: Layout) -> MemoryEstimate:
     )
 
 
-def train_estimate(cfg: Any, gpt_config: Any) -> MemoryEstimate:
-    """:func:`train_memory` of a :class:`~nemo_dcod.train.config.TrainConfig` and its built ``GPTConfig``."""
-    from nemo_dcod.model.families import have_transformer_engine
+def train_estimate(cfg: Any, gpt_config: Any, attention: str | None, te: bool) -> MemoryEstimate:
+    """:func:`train_memory` of a :class:`~nemo_dcod.train.config.TrainConfig` and its ``GPTConfig``.
 
+    Args:
+        cfg: the training config.
+        gpt_config: its ``GPTConfig`` (the architecture; ``seq_length`` is the rows' length as the
+            model sees them, padded for THD).
+        attention: the store's attention form (``dense_mask``: a resident ``[S, S]`` mask per
+            micro-batch in flight; ``thd`` / ``causal``: none); None for the synthetic source.
+        te: Transformer Engine layers (flash / cuDNN attention) or the local spec (unfused).
+    """
     p, t = cfg.parallel, cfg.trainer
     dp = cfg.data_parallel_size
+    micro_batches = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    in_flight = min(p.pipeline_model_parallel_size, micro_batches)
     layout = Layout(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -321,18 +332,21 @@ def train_estimate(cfg: Any, gpt_config: Any) -> MemoryEstimate:
         context_parallel_size=p.context_parallel_size,
         data_parallel_size=dp,
         sequence_parallel=p.sequence_parallel,
-        seq_length=cfg.data.seq_length,
+        seq_length=int(gpt_config.seq_length),
         micro_batch_size=t.micro_batch_size,
-        num_microbatches=max(1, t.global_batch_size // (t.micro_batch_size * dp)),
+        num_microbatches=micro_batches,
         bf16=cfg.precision.dtype == "bf16",
         distributed_optimizer=cfg.use_distributed_optimizer,
-        fused_attention=cfg.model.spec == "te" or (cfg.model.spec == "auto" and have_transformer_engine()),
+        # Transformer Engine: flash / cuDNN attention, no [s, s] scores; the local spec: the
+        # unfused softmax (and the dense mask, for packed rows).
+        fused_attention=te,
         loss_chunk_rows=cfg.loss.chunk_size,
+        resident_mask_rows=in_flight * t.micro_batch_size if attention == "dense_mask" else 0,
     )
     return train_memory(Architecture.of(gpt_config), layout)
 
 
-def _report_fit(stage: str, layout: str, estimate: MemoryEstimate, advice: str) -> int:
+def report_fit(stage: str, layout: str, estimate: MemoryEstimate, advice: str) -> int:
     """Print a dry run's layout line and estimate; 0, or 1 (with what to change) when it does not fit.
 
     Raises:
@@ -350,131 +364,3 @@ def _report_fit(stage: str, layout: str, estimate: MemoryEstimate, advice: str) 
         return 0
     print(f"{stage}: change the layout ({advice}) or set {USABLE_GIB_ENV} for GPUs with more memory.")
     return 1
-
-
-def dry_run_train(cfg: Any) -> int:
-    """``nemo-dcod train --dry-run``: validate as on the job's machine, print layout and memory.
-
-    A bf16 / FP8 / Transformer Engine config is validated as for a GPU node (where it will run),
-    anything else as for this machine. Nothing is built but the architecture's numbers.
-
-    Returns:
-        0, or 1 when the estimate exceeds :func:`usable_gib` (the layout needs changing first).
-
-    Raises:
-        ConfigError: every problem of the config, at once.
-    """
-    from nemo_dcod.config import ConfigError
-    from nemo_dcod.model.families import build_gpt_config
-    from nemo_dcod.train.config import padded_vocab_size
-
-    gpu_target = cfg.precision.dtype != "fp32" or cfg.precision.fp8 is not None or cfg.model.spec == "te"
-    problems = cfg.problems(has_gpu=True if gpu_target else None, check_paths=False)
-    if problems:
-        raise ConfigError(problems, "dry run")
-    p = cfg.parallel
-    gpt_config = build_gpt_config(
-        cfg.model.family,
-        cfg.model.size,
-        padded_vocab_size=padded_vocab_size(cfg.data.vocab_size, p.tensor_model_parallel_size),
-        seq_length=cfg.data.seq_length,
-        parallel={},
-        precision={},
-        overrides=cfg.model.overrides(),
-        use_te=False,  # the architecture's numbers only; no layer is built
-    )
-    tp = p.tensor_model_parallel_size
-    layout = (
-        f"{cfg.model.family} {cfg.model.size}, {cfg.world_size} ranks = TP {tp}"
-        f" x PP {p.pipeline_model_parallel_size} x CP {p.context_parallel_size} x DP {cfg.data_parallel_size}"
-        f"{' (sequence parallel)' if p.sequence_parallel else ''}, {cfg.data.seq_length}-token rows, "
-        f"micro-batch {cfg.trainer.micro_batch_size}, global batch {cfg.trainer.global_batch_size}, "
-        f"{cfg.precision.dtype}{' + FP8 ' + str(cfg.precision.fp8) if cfg.precision.fp8 else ''}, "
-        f"distributed optimizer {'on' if cfg.use_distributed_optimizer else 'off'}"
-    )
-    advice = (
-        "more tensor / pipeline parallelism, sequence parallel, a smaller micro-batch, distributed optimizer"
-    )
-    return _report_fit("train", layout, train_estimate(cfg, gpt_config), advice)
-
-
-def dry_run_score(cfg: Any) -> int:
-    """``nemo-dcod score --dry-run``: validate, read the checkpoint's architecture, print the estimate.
-
-    Reads the checkpoint's ``context/`` (its config, no weights) and the store's manifest (its row
-    length) when present. A bf16 config is validated as for a GPU node.
-
-    Returns:
-        0, or 1 when the estimate exceeds :func:`usable_gib`.
-
-    Raises:
-        ConfigError: every problem of the config, or a checkpoint that is not there.
-    """
-    import json
-    from pathlib import Path
-
-    from nemo_dcod.config import ConfigError
-    from nemo_dcod.data.readers import DataError
-    from nemo_dcod.score.run import resolve_checkpoint
-
-    problems = cfg.problems(has_gpu=True if cfg.dtype == "bf16" else None)
-    try:
-        checkpoint = resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
-    except DataError as exc:
-        problems.append(str(exc))
-    if problems or checkpoint is None:
-        raise ConfigError(problems, "dry run")
-    from nemo.lightning import io
-
-    try:
-        config = io.load_context(str(checkpoint), subpath="model").config
-    except Exception as exc:  # a context of another NeMo version, a truncated file, ...
-        raise ConfigError(
-            [f"checkpoint={checkpoint}: its context/ cannot be read: {exc}"], "dry run"
-        ) from exc
-    manifest = Path(cfg.store) / "manifest.json"
-    try:
-        stored = int(json.loads(manifest.read_text())["seq_length"]) if manifest.is_file() else None
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise ConfigError([f"store={cfg.store}: unreadable manifest.json: {exc}"], "dry run") from exc
-    seq_length = stored or int(config.seq_length)
-    p = cfg.parallel
-    arch = Architecture.of(config)
-    divisible = [
-        ("pipeline_model_parallel_size", p.pipeline_model_parallel_size, "layers", arch.num_layers),
-        (
-            "tensor_model_parallel_size",
-            p.tensor_model_parallel_size,
-            "attention heads",
-            arch.num_attention_heads,
-        ),
-        ("tensor_model_parallel_size", p.tensor_model_parallel_size, "query groups", arch.num_query_groups),
-    ]
-    layout_problems = [
-        f"parallel.{name}={size}: must divide the checkpoint's {count} {what}."
-        for name, size, what, count in divisible
-        if count % size
-    ]
-    if layout_problems:
-        raise ConfigError(layout_problems, "dry run")
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "checkpoint" and "bfloat16" in str(config.params_dtype))
-    layout = Layout(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        data_parallel_size=cfg.data_parallel_size,
-        seq_length=seq_length,
-        micro_batch_size=cfg.trainer.micro_batch_size,
-        bf16=bf16,
-        fused_attention=False,  # score runs the local layer spec (see load_nemo_model's local_spec)
-        loss_chunk_rows=cfg.chunk_size,
-        resident_mask_rows=cfg.trainer.micro_batches_per_call * cfg.trainer.micro_batch_size,
-    )
-    line = (
-        f"{checkpoint} ({arch.total_parameters() / 1e9:.2f}B parameters), {cfg.world_size} ranks = "
-        f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
-        f"x DP {cfg.data_parallel_size}, "
-        f"{seq_length}-token rows, micro-batch {cfg.trainer.micro_batch_size}, "
-        f"{'bf16' if bf16 else 'fp32'}"
-    )
-    advice = "more tensor / pipeline parallelism or a smaller micro-batch"
-    return _report_fit("score", line, forward_memory(arch, layout), advice)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from nemo_dcod.config import ConfigError, to_yaml
 from nemo_dcod.train.config import TrainConfig, init_checkpoint_config
 
-__all__ = ["build_model", "run_train"]
+__all__ = ["StoreLayout", "build_model", "gpt_config_of", "run_train", "store_layout"]
 
 
 def _precision_fields(cfg: TrainConfig) -> dict[str, Any]:
@@ -34,22 +35,66 @@ def _precision_fields(cfg: TrainConfig) -> dict[str, Any]:
     return {"bf16": False, "fp16": False, "params_dtype": torch.float32, "pipeline_dtype": torch.float32}
 
 
-def build_model(cfg: TrainConfig) -> Any:
-    """The :class:`~nemo_dcod.model.gpt.DistillGPTModel` of ``cfg`` with its optimizer (not yet built)."""
-    from megatron.core.optimizer import OptimizerConfig
-    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
+@dataclass(frozen=True)
+class StoreLayout:
+    """How store rows reach the model: the attention form and, for THD, the padded row length."""
 
-    from nemo_dcod.model.families import build_gpt_config
-    from nemo_dcod.model.gpt import DistillGPTModel
+    attention: str
+    """One of :data:`~nemo_dcod.data.module.ATTENTION_FORMS`."""
+    doc_multiple: int = 1
+    row_length: int | None = None
+    """Tokens per row as the model sees them (THD with context parallelism pads documents)."""
+
+
+def store_layout(cfg: TrainConfig, te: bool, store_plan: str | None = None) -> StoreLayout:
+    """The :class:`StoreLayout` of ``cfg``'s store for a model with (``te``) or without TE layers.
+
+    With only a store plan (a dry run before the store exists), a THD row's length is the
+    store's rounded up to the layout's row multiple: documents padded for context parallelism
+    can add up to ``2·CP - 1`` positions each, known once the store exists.
+    """
+    from nemo_dcod.data.thd import store_row_length
+
+    assert cfg.data.path is not None  # TrainConfig.problems() checked it
+    form = cfg.attention_form(cfg.store_facts(store_plan), te)
+    if form != "thd":
+        return StoreLayout(form)
+    doc, row = cfg.thd_multiples()
+    if not (Path(cfg.data.path) / "manifest.json").is_file():
+        return StoreLayout(form, doc, -(-cfg.data.seq_length // row) * row)
+    return StoreLayout(form, doc, store_row_length(cfg.data.path, cfg.data.seq_length, doc, row))
+
+
+def gpt_config_of(cfg: TrainConfig, seq_length: int | None = None, use_te: bool | None = None) -> Any:
+    """The student's ``GPTConfig``: family/size or the ``model.init_from`` checkpoint's architecture,
+    the parallel layout, precision and the plug-in's steps (nothing is built).
+
+    Args:
+        cfg: the training config.
+        seq_length: tokens per row as the model sees them (a THD layout may pad rows); None:
+            data.seq_length.
+        use_te: Transformer Engine layers; None: as the config resolves on this machine (an
+            error if they are asked for and TE cannot be imported).
+    """
+    from nemo_dcod.model.families import build_gpt_config, have_transformer_engine
 
     p = cfg.parallel
-    use_te = {"auto": None, "te": True, "local": False}[cfg.model.spec]
+    if use_te is None:
+        use_te = cfg.uses_transformer_engine(torch.cuda.is_available())
+        if use_te and not have_transformer_engine():
+            raise ConfigError(
+                [
+                    f"model.spec={cfg.model.spec}: Transformer Engine cannot be imported on this machine "
+                    "(install the GPU extra: pip install -e '.[gpu]'), or set model.spec=local."
+                ],
+                "model.spec",
+            )
     init_config = init_checkpoint_config(cfg.model.init_from) if cfg.model.init_from else None
-    gpt_config = build_gpt_config(
+    return build_gpt_config(
         cfg.model.family,
         cfg.model.size,
         padded_vocab_size=cfg.vocab_rows(init_config),
-        seq_length=cfg.data.seq_length,
+        seq_length=seq_length or cfg.data.seq_length,
         parallel={
             "tensor_model_parallel_size": p.tensor_model_parallel_size,
             "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
@@ -68,6 +113,21 @@ def build_model(cfg: TrainConfig) -> Any:
         overrides=cfg.model.overrides() if init_config is None else _architecture_of(init_config, cfg),
         use_te=use_te,
     )
+
+
+def build_model(cfg: TrainConfig, seq_length: int | None = None) -> Any:
+    """The :class:`~nemo_dcod.model.gpt.DistillGPTModel` of ``cfg`` with its optimizer (not yet built).
+
+    Args:
+        cfg: the training config.
+        seq_length: see :func:`gpt_config_of`.
+    """
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
+
+    from nemo_dcod.model.gpt import DistillGPTModel
+
+    gpt_config = gpt_config_of(cfg, seq_length)
     o = cfg.optim
     optimizer = OptimizerConfig(
         optimizer="adam",
@@ -149,13 +209,13 @@ def _architecture_of(init_config: dict[str, Any], cfg: TrainConfig) -> dict[str,
     return {name: init_config[name] for name in _ARCHITECTURE if name in init_config}
 
 
-def _data_module(cfg: TrainConfig) -> Any:
+def _data_module(cfg: TrainConfig, layout: StoreLayout | None) -> Any:
     from nemo_dcod.data.module import StoreTraceDataModule
     from nemo_dcod.data.synthetic import SyntheticTraceDataModule
 
     t, d = cfg.trainer, cfg.data
     if d.source == "store":
-        assert d.path is not None  # TrainConfig.problems() checked it
+        assert d.path is not None and layout is not None  # TrainConfig.problems() checked it
         return StoreTraceDataModule(
             path=d.path,
             seq_length=d.seq_length,
@@ -163,6 +223,9 @@ def _data_module(cfg: TrainConfig) -> Any:
             global_batch_size=t.global_batch_size,
             num_train_samples=d.num_train_samples or t.max_steps * t.global_batch_size,
             num_val_samples=d.num_val_samples if t.val_check_interval else 0,
+            attention=layout.attention,
+            doc_multiple=layout.doc_multiple,
+            row_length=layout.row_length,
         )
     return SyntheticTraceDataModule(
         vocab_size=d.vocab_size,
@@ -327,11 +390,17 @@ def run_train(cfg: TrainConfig) -> Path:
         resume_if_exists=False,
         restore_config=restore if resume_from is None else None,
     )
-    model = build_model(cfg)
+    te = cfg.uses_transformer_engine(torch.cuda.is_available())
+    layout = store_layout(cfg, te) if cfg.data.source == "store" else None
+    model = build_model(cfg, seq_length=layout.row_length if layout else None)
     if all(os.environ.get(v, "0") == "0" for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
         from nemo_dcod.train.memory import train_estimate
 
-        print(train_estimate(cfg, model.config).describe(), flush=True)  # once, before the ranks start
+        # Once, before the ranks start.
+        print(
+            train_estimate(cfg, model.config, layout.attention if layout else None, te).describe(), flush=True
+        )
     trainer = _trainer(cfg, run_dir)
-    llm.train(model=model, data=_data_module(cfg), trainer=trainer, log=_logger(cfg, run_dir), resume=resume)
+    data = _data_module(cfg, layout)
+    llm.train(model=model, data=data, trainer=trainer, log=_logger(cfg, run_dir), resume=resume)
     return run_dir
