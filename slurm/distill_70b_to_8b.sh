@@ -21,9 +21,10 @@
 # `bash slurm/distill_70b_to_8b.sh` submits the same four jobs from the login node, without the
 # driver job. A failed stage cancels the stages after it (--kill-on-invalid-dep).
 #
-# Before submitting, the driver dry-runs the score and train stages as configured (`--dry-run`:
-# sizes that divide, the parallel layout, a per-GPU memory estimate against DCOD_GPU_MEMORY_GIB,
-# 72 GiB of an 80 GB H100 by default) and stops on a problem. A stage the installed nemo-dcod does
+# Before submitting, the driver dry-runs prepare (with PREPARE_CONFIG), score and train as
+# configured (`--dry-run`: every check the job applies at start, against the store or, before it
+# exists, the store plan the earlier dry runs write; the parallel layout; a per-GPU memory estimate
+# against DCOD_GPU_MEMORY_GIB, 72 GiB of an 80 GB H100 by default) and stops on a problem. A stage the installed nemo-dcod does
 # not have fails its job, unless ALLOW_MISSING_STAGES=1, which logs it as skipped.
 #
 # Preemption: Slurm sends SIGUSR1 to the batch shell 300 s before the time limit (B: = the batch
@@ -174,32 +175,51 @@ submit_stages() {
     printf 'distill_70b_to_8b.sh: %s\n' "${problems[@]}" >&2
     ((DCOD_TEST_ONLY)) || exit 2
   fi
-  # Each stage's layout as its job will see it, validated, with its per-GPU memory estimate (no
-  # GPU needed; score reads the teacher checkpoint's config). Skipped where nemo-dcod is not
-  # installed outside the container.
-  local dry_stage dry_config dry_nodes
-  for dry_stage in score train; do
-    has "$dry_stage" || continue
+  # Each stage's dry run: the checks its job applies at start, as its job will see them, and its
+  # per-GPU memory estimate (no GPU needed). Where the store does not exist yet, each checks
+  # against the store plan the dry runs before it wrote (prepare: rows, vocabulary, teacher
+  # log-probs of the traces; score: its columns); what an earlier job makes (traces, imported
+  # checkpoints) is checked by that job (--made-later). Skipped where nemo-dcod is not installed
+  # outside the container.
+  mkdir -p "$LOG_DIR"
+  local plan=$LOG_DIR/store.plan.json dry_stage dry_config
+  local -a dry_flags dry_launch
+  rm -f "$plan"
+  for dry_stage in prepare score train; do
+    case $dry_stage in
+      prepare) if [[ -z $PREPARE_CONFIG ]] || ! has score; then continue; fi ;;
+      *) if ! has "$dry_stage"; then continue; fi ;;
+    esac
     if ! command -v "$NEMO_DCOD" >/dev/null; then
       echo "$dry_stage: dry run skipped ($NEMO_DCOD is not installed here)" >&2
       continue
     fi
-    if [[ $dry_stage == score ]]; then
-      [[ -d $TEACHER_NEMO ]] || continue # reported above, or imported from TEACHER_HF by the job
-      score_overrides
-      dry_config=$SCORE_CONFIG dry_nodes=$SCORE_NODES
-    else
-      train_overrides
-      dry_config=$TRAIN_CONFIG dry_nodes=$TRAIN_NODES
-    fi
+    dry_flags=(--store-plan "$plan") dry_launch=()
+    case $dry_stage in
+      prepare)
+        # shellcheck disable=SC2206  # PREPARE_OVERRIDES is a list of key=value words
+        overrides=(out_dir="$STORE" $PREPARE_OVERRIDES)
+        dry_config=$PREPARE_CONFIG
+        ! has generate || dry_flags+=(--made-later)
+        ;;
+      score)
+        score_overrides
+        dry_config=$SCORE_CONFIG dry_launch=(trainer.devices="$tasks_per_node" trainer.num_nodes="$SCORE_NODES")
+        [[ -d $TEACHER_NEMO ]] || dry_flags+=(--made-later) # imported from TEACHER_HF by the job
+        ;;
+      train)
+        train_overrides
+        dry_config=$TRAIN_CONFIG dry_launch=(trainer.devices="$tasks_per_node" trainer.num_nodes="$TRAIN_NODES")
+        [[ -z $STUDENT_NEMO || -d $STUDENT_NEMO ]] || dry_flags+=(--made-later) # imported from STUDENT_HF
+        ;;
+    esac
     [[ -f $dry_config ]] || continue # reported above
-    "$NEMO_DCOD" "$dry_stage" --config "$dry_config" --dry-run "${overrides[@]}" \
-      trainer.devices="$tasks_per_node" trainer.num_nodes="$dry_nodes" || {
+    "$NEMO_DCOD" "$dry_stage" --config "$dry_config" --dry-run "${dry_flags[@]}" "${overrides[@]}" \
+      ${dry_launch[@]+"${dry_launch[@]}"} || {
       echo "distill_70b_to_8b.sh: the $dry_stage stage is not runnable as configured (above)" >&2
       ((DCOD_TEST_ONLY)) || exit 2
     }
   done
-  mkdir -p "$LOG_DIR"
   # A driver running as a job: its SLURM_* variables must not leak into the stage jobs' srun.
   local v
   for v in $(compgen -e | grep '^SLURM_' || true); do [[ $v == SLURM_CONF ]] || unset "$v"; done

@@ -38,12 +38,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(path: Path, chat_template: str | None = CHAT_TEMPLATE) -> str:
-    """Save the tiny tokenizer to ``path``; returns the path as a string."""
+def make_tokenizer(
+    path: Path, chat_template: str | None = CHAT_TEMPLATE, vocab_size: int | None = None
+) -> str:
+    """Save the tiny tokenizer to ``path``; returns the path as a string.
+
+    ``vocab_size``: pad the vocabulary with filler words (``x0``, ``x1``, ...) to this size (a
+    real model's, e.g. Llama 3's 128256), the ids of :data:`WORDS` unchanged.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate([*SPECIALS, *WORDS])}
+    words = [*SPECIALS, *WORDS]
+    words += [f"x{i}" for i in range(max(0, (vocab_size or 0) - len(words)))]
+    vocab = {t: i for i, t in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(SPECIALS)
@@ -65,12 +73,18 @@ def ids(text: str) -> list[int]:
     return [vocab[w] for w in text.split()]
 
 
-def record(i: int, words: int = 4, answer: int | None = None) -> dict[str, Any]:
-    """A prompt/response record whose response has ``words`` words (+ a boxed answer)."""
+def record(i: int, words: int = 4, answer: int | None = None, teacher: bool = False) -> dict[str, Any]:
+    """A prompt/response record whose response has ``words`` words (+ a boxed answer); with
+    ``teacher``, the engine's token ids (``ids``) and log-probs (``lps``) of the response and its
+    end-of-turn token, as a generation engine reports them."""
     response = " ".join(f"w{(i + k) % 64}" for k in range(words))
     if answer is not None:
         response += f" the answer is \\boxed{{{answer}}}"
-    return {"prompt": f"w{i % 64} w{(i * 7) % 64}", "response": response, "id": i}
+    out: dict[str, Any] = {"prompt": f"w{i % 64} w{(i * 7) % 64}", "response": response, "id": i}
+    if teacher:
+        out["ids"] = ids(response.replace("\\boxed{", "\\ boxed { ").replace("}", " }") + " </s>")
+        out["lps"] = [-0.1 - 0.01 * ((i + k) % 7) for k in range(len(out["ids"]))]
+    return out
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -109,3 +123,26 @@ def make_bpe_tokenizer(path: Path) -> str:
     )
     fast.save_pretrained(str(path))
     return str(path)
+
+
+def prepare_store(root: Path, seq_length: int, vocab_size: int, packing: str = "best_fit") -> str:
+    """A real store made by ``prepare`` in ``root/store``: 40 traces with the engine's log-probs,
+    tokenized by the tiny tokenizer padded to ``vocab_size``; returns its path."""
+    from nemo_dcod.data.config import PrepareConfig
+    from nemo_dcod.data.prepare import run_prepare
+
+    root.mkdir(parents=True, exist_ok=True)
+    traces = write_jsonl(
+        root / "traces.jsonl", [record(i, words=3 + i % 11, teacher=True) for i in range(40)]
+    )
+    cfg = PrepareConfig(
+        inputs=[str(traces)],
+        tokenizer=make_tokenizer(root / "tok", vocab_size=vocab_size),
+        out_dir=str(root / "store"),
+        seq_length=seq_length,
+        packing=packing,
+        records_per_shard=20,
+    )
+    cfg.fields.teacher_tokens, cfg.fields.teacher_logprobs = "ids", "lps"
+    run_prepare(cfg, quiet=True)
+    return cfg.out_dir

@@ -261,17 +261,11 @@ def load_nemo_model(
     # (nemo_dcod.model.families explains it for training); forward-only keeps them anyway.
     config.deallocate_pipeline_outputs = False
     if local_spec:
-        from nemo.collections.llm.gpt.model.base import local_layer_spec
+        from nemo_dcod.model.families import use_local_layers
 
-        config.transformer_layer_spec = local_layer_spec
-        # The checkpoint's config may come from a TE run, with the masked-softmax fusion on. With
-        # the causal mask type, megatron's fused kernel (NVIDIA's containers have it) takes the
-        # upper-triangular path for bf16/fp16 scores up to 4096 keys and ignores the mask it is
-        # given: packed documents would attend across their boundaries. The unfused softmax
-        # applies the mask; TE-only fusions go too (the local layers have none).
-        for name in ("masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm"):
-            if hasattr(config, name):
-                setattr(config, name, False)
+        # The checkpoint's config may come from a TE run, with the masked-softmax fusion on: off,
+        # or the fused causal kernel would ignore the packed rows' mask (see use_local_layers).
+        use_local_layers(config)
     with _tied_embeddings_from_checkpoint():
         mcore = config.configure_model(nemo_model.tokenizer)
     # NeMo 2 stores the model under "module." (MegatronParallel's prefix for one model chunk).

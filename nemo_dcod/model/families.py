@@ -23,7 +23,14 @@ import torch
 
 from nemo_dcod.model.steps import logits_forward_step, trace_data_step
 
-__all__ = ["FAMILIES", "TINY", "build_gpt_config", "family_config_class", "have_transformer_engine"]
+__all__ = [
+    "FAMILIES",
+    "TINY",
+    "build_gpt_config",
+    "family_config_class",
+    "have_transformer_engine",
+    "use_local_layers",
+]
 
 # family -> size -> NeMo config class name (in nemo.collections.llm).
 FAMILIES: dict[str, dict[str, str]] = {
@@ -70,6 +77,25 @@ _FUSIONS = (
     "gradient_accumulation_fusion",
     "cross_entropy_loss_fusion",
 )
+
+
+def use_local_layers(config: Any) -> Any:
+    """Switch a ``GPTConfig`` to megatron-core's local layers, with every TE/CUDA-only fusion off.
+
+    The masked-softmax fusion matters most: with the causal mask type, megatron's fused kernel
+    (present in NVIDIA's containers) takes its upper-triangular path for fp16/bf16 scores up to
+    4096 keys and *ignores the mask it is given* (``FusedScaleMaskSoftmax.is_kernel_available`` /
+    ``forward_fused_softmax``), so packed documents would attend across their boundaries. With it
+    off, the unfused softmax applies the dense block-diagonal mask, on CPU and GPU alike.
+    """
+    from nemo.collections.llm.gpt.model.base import local_layer_spec
+
+    fields = {f.name for f in dataclasses.fields(config)}
+    for name in _FUSIONS:
+        if name in fields:
+            setattr(config, name, False)
+    config.transformer_layer_spec = local_layer_spec
+    return config
 
 
 def have_transformer_engine() -> bool:
@@ -131,7 +157,7 @@ def build_gpt_config(
     values.update(parallel)
     values.update(precision)
     te = have_transformer_engine() if use_te is None else use_te
-    if not te:
+    if not te:  # see use_local_layers
         values.update({name: False for name in _FUSIONS if name in fields})
     values.update(
         vocab_size=padded_vocab_size,

@@ -48,6 +48,11 @@ def dry_run_score(cfg: ScoreConfig, store_plan: str | None = None, made_later: b
         problems.append(f"store={cfg.store}: {exc}")
     if facts is not None and cfg.topk > facts.vocab_size:
         problems.append(f"topk={cfg.topk}: larger than the store's {facts.vocab_size}-token vocabulary.")
+    if facts is not None and facts.teacher_logprobs == "generation" and not cfg.overwrite:
+        problems.append(
+            f"store={cfg.store} {'has' if 'manifest' in facts.source else 'will have'} the generation "
+            "engine's teacher log-probs: set overwrite=true to replace them with this model's."
+        )
     if problems:
         raise ConfigError(problems, "dry run")
     assert facts is not None

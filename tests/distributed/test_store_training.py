@@ -62,6 +62,25 @@ def _isolation_worker(rank: int, world: int) -> dict[str, Any]:
                 out: torch.Tensor = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
             return out[0]
 
+        # The attention the plug-in builds for packed rows must apply the mask on a GPU too: no
+        # fused softmax (its causal kernel ignores the mask), also when a config asked for it
+        # (a TE-trained checkpoint's config, as score loads it).
+        from nemo_dcod.model.families import use_local_layers
+
+        asked = build_gpt_config(
+            "llama3.1", "tiny", padded_vocab_size=128, seq_length=32, parallel={}, precision={}
+        )
+        asked.masked_softmax_fusion = True
+        fused_kernel_possible = []
+        for built in (model, use_local_layers(asked).configure_model(None)):
+            for layer in built.decoder.layers:
+                softmax = layer.self_attention.core_attention.scale_mask_softmax
+                softmax.input_in_float16 = True  # as for bf16 scores on a GPU
+                mask = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+                fused_kernel_possible.append(
+                    softmax.scaled_masked_softmax_fusion or softmax.is_kernel_available(mask, 1, 4, 32, 32)
+                )
+                softmax.input_in_float16 = False
         packed = logits([doc_a, doc_b])
         alone_a, alone_b = logits([doc_a]), logits([doc_b])
         unmasked = collate_packed([sample([doc_a, doc_b])])
@@ -71,6 +90,7 @@ def _isolation_worker(rank: int, world: int) -> dict[str, Any]:
             "diff_a": float((packed[:13] - alone_a).abs().max()),
             "diff_b": float((packed[13:] - alone_b).abs().max()),
             "leak_without_mask": float((leaky[13:] - alone_b).abs().max()),
+            "fused_kernel_possible": fused_kernel_possible,
         }
     finally:
         parallel_state.destroy_model_parallel()
@@ -80,6 +100,8 @@ def test_packed_documents_do_not_attend_across_the_boundary() -> None:
     (out,) = run_distributed(_isolation_worker, 1)
     assert out["diff_a"] < 1e-5 and out["diff_b"] < 1e-5, out
     assert out["leak_without_mask"] > 1e-3, out  # the check can fail: without the mask it would
+    # Built for packed rows, no layer could take megatron's fused causal softmax (mask ignored).
+    assert out["fused_kernel_possible"] == [False] * 8, out["fused_kernel_possible"]
 
 
 def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess[str]:

@@ -260,15 +260,23 @@ def test_lightning_auto_requeue_is_off_under_srun(monkeypatch: pytest.MonkeyPatc
     assert any(isinstance(c, PreemptOnSigusr1) for c in trainer.callbacks)
 
 
-def test_70b_recipe_layout_passes_sbatch_test_only(slurm_cluster: LocalSlurm) -> None:
+def test_70b_recipe_layout_passes_sbatch_test_only(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
+    from trace_fixtures import make_tokenizer
+
     driver = slurm_cluster.run(["sbatch", "--test-only", "slurm/distill_70b_to_8b.sh"], check=False)
     assert driver.returncode == 0, driver.stderr
+    # The 8B student's store, as prepare will make it: 8k-token rows, Llama 3's vocabulary size.
+    tokenizer = make_tokenizer(tmp_path / "tok", vocab_size=128256)
     env = {
         "DCOD_TEST_ONLY": "1",
         "PREPARE_CONFIG": "conf/prepare_tiny.yaml",
+        "PREPARE_OVERRIDES": f"seq_length=8192 tokenizer={tokenizer}",
+        "STORE": str(tmp_path / "store"),
+        "LOG_DIR": str(tmp_path / "logs"),
         "EVAL_CONFIG": "conf/eval_tiny.yaml",
     }
-    # With nemo-dcod installed the driver first dry-runs the train stage: layout and memory per GPU.
+    # With nemo-dcod installed the driver first dry-runs prepare, score and train, the store not
+    # there yet: every check of each job at start, against the store plan; layout and memory per GPU.
     full = slurm_cluster.run(
         ["bash", "slurm/distill_70b_to_8b.sh"], check=False, env={**env, "NEMO_DCOD": NEMO_DCOD}
     )
@@ -279,6 +287,11 @@ def test_70b_recipe_layout_passes_sbatch_test_only(slurm_cluster: LocalSlurm) ->
     assert re.search(
         r"^memory estimate per GPU \(training.*: [\d.]+ GiB .* fits in 72 GiB", full.stdout, re.M
     )
+    assert "prepare: store plan written" in full.stdout and "packed rows as THD" in full.stdout, full.stdout
+    # A store the recipe cannot train on (4k-token rows) is refused before submission.
+    short = {**env, "NEMO_DCOD": NEMO_DCOD, "PREPARE_OVERRIDES": f"seq_length=4096 tokenizer={tokenizer}"}
+    proc = slurm_cluster.run(["bash", "slurm/distill_70b_to_8b.sh"], check=False, env=short)
+    assert "rows of 4096 tokens" in proc.stderr and "not runnable as configured" in proc.stderr, proc.stderr
     lines = dict(re.findall(r"^(score|train|export|eval): (ok .*)$", full.stdout, re.M))
     assert sorted(lines) == ["eval", "export", "score", "train"], full.stdout
     gpus = "--ntasks-per-node=8 --gpus-per-node=8 --exclusive"

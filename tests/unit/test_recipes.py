@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from trace_fixtures import prepare_store
 
 from nemo_dcod.cli import main
 from nemo_dcod.config import load_config
@@ -91,6 +92,12 @@ def test_describe_says_whether_it_fits() -> None:
     assert not small.fits(8) and "DOES NOT FIT" in small.describe(8)
 
 
+@pytest.fixture(scope="module")
+def store_8b(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real store of the 8B recipe's shape: 8192-token rows, Llama 3's 128256-token vocabulary."""
+    return prepare_store(tmp_path_factory.mktemp("store8b"), 8192, 128256)
+
+
 def _slurm_default(name: str) -> int:
     text = (ROOT / "slurm" / "distill_70b_to_8b.sh").read_text()
     match = re.search(rf"^{name}=\$\{{{name}:-(\d+)\}}", text, re.MULTILINE)
@@ -98,12 +105,14 @@ def _slurm_default(name: str) -> int:
     return int(match.group(1))
 
 
-def test_train_recipe_matches_the_sbatch_layout_and_fits(capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_recipe_matches_the_sbatch_layout_and_fits(
+    capsys: pytest.CaptureFixture[str], store_8b: str
+) -> None:
     cfg = load_config(TrainConfig, ROOT / "conf" / "distill_llama8b.yaml", check=False)
     assert cfg.trainer.num_nodes == _slurm_default("TRAIN_NODES")
     assert cfg.trainer.devices == _slurm_default("GPUS_PER_NODE")
     assert cfg.parallel.tensor_model_parallel_size <= cfg.trainer.devices  # TP within a node (NVLink)
-    assert main(["train", "--config", "conf/distill_llama8b.yaml", "--dry-run"]) == 0
+    assert main(["train", "--config", "conf/distill_llama8b.yaml", "--dry-run", f"data.path={store_8b}"]) == 0
     out = capsys.readouterr().out
     print(out)  # the estimate, in the test log
     assert "32 ranks = TP 2 x PP 1 x CP 1 x DP 16" in out
@@ -112,10 +121,10 @@ def test_train_recipe_matches_the_sbatch_layout_and_fits(capsys: pytest.CaptureF
 
 
 def test_dry_run_refuses_a_layout_that_does_not_fit(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, store_8b: str
 ) -> None:
     # The 8B student unsharded: 16 bytes a parameter for weights, gradients and Adam alone.
-    args = ["train", "--config", "conf/distill_llama8b.yaml", "--dry-run"]
+    args = ["train", "--config", "conf/distill_llama8b.yaml", "--dry-run", f"data.path={store_8b}"]
     args += ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false"]
     args += ["parallel.use_distributed_optimizer=false"]
     assert main(args) == 1
@@ -129,7 +138,8 @@ def test_dry_run_refuses_a_layout_that_does_not_fit(
     assert "DCOD_GPU_MEMORY_GIB='lots'" in capsys.readouterr().err
 
 
-def test_dry_run_reports_config_problems(capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_reports_config_problems(capsys: pytest.CaptureFixture[str], store_8b: str) -> None:
     args = ["train", "--config", "conf/distill_llama8b.yaml", "--dry-run", "trainer.global_batch_size=100"]
+    args.append(f"data.path={store_8b}")
     assert main(args) == 2
     assert "global_batch_size=100 is not divisible" in capsys.readouterr().err
