@@ -214,3 +214,73 @@ def test_thd_equals_the_dense_masked_path(
     for name, expected in reference["grads"].items():
         diff = float((outs[0]["grads"][name] - expected).abs().max())
         assert diff <= 1e-5 * float(expected.abs().max()), (name, diff)
+
+
+def _seed_weights_by_global_name(model: torch.nn.Module) -> None:
+    """Every parameter from a generator seeded by its *global* name (layer numbers across pipeline
+    stages), so any pipeline split holds the same model."""
+    import zlib
+
+    layers = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(model.decoder.layers)}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            parts[2] = layers[parts[2]]
+        gen = torch.Generator().manual_seed(zlib.crc32(".".join(parts).encode()))
+        norm = "norm" in name
+        with torch.no_grad():
+            param.copy_(torch.randn(param.shape, generator=gen) * (0.05 if norm else 0.3) + norm)
+
+
+def _score_worker(rank: int, world: int, store_path: str, pp: int, thd: bool) -> list[Any]:
+    """Score every row of the store through score's own path (micro-batches, Megatron's
+    forward-only pipeline schedule, the scoring math), dense or THD, at PP = ``pp``."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from thd_reference import thd_layer_spec
+
+    from nemo_dcod.data.store import PackedStore
+    from nemo_dcod.model.families import build_gpt_config
+    from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
+    from nemo_dcod.score.core import score_micro_batches
+    from nemo_dcod.score.run import micro_batches_of
+
+    enable_cpu_mode()
+    parallel_state.initialize_model_parallel(1, pp, create_gloo_process_groups=False)
+    try:
+        model_parallel_cuda_manual_seed(1234)
+        store = PackedStore(store_path)
+        config = build_gpt_config(
+            "llama3.1",
+            "tiny",
+            padded_vocab_size=256,
+            seq_length=store.seq_length,
+            parallel={"pipeline_model_parallel_size": pp, "pipeline_dtype": torch.float32},
+            precision={},
+        )
+        config.deallocate_pipeline_outputs = False
+        if thd:
+            config.transformer_layer_spec = thd_layer_spec
+        model = config.configure_model(None).eval()
+        _seed_weights_by_global_name(model)
+        rows = range(len(store) - len(store) % 2)
+        batches = micro_batches_of(store, rows, 2, "cpu", thd=thd)  # 2 rows per micro-batch
+        return score_micro_batches(model, batches, vocab_size=209, topk=3)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_score_packs_rows_as_thd_at_pp1_and_pp2(tmp_path: Any) -> None:
+    """Score's THD path (a micro-batch's rows as one packed sequence of B·S tokens, the schedule's
+    buffers sized for it) gives the dense path's columns, at one and two pipeline stages."""
+    from trace_fixtures import prepare_store
+
+    store = prepare_store(tmp_path, 64, 209)
+    (dense,) = run_distributed(_score_worker, 1, store, 1, False)
+    for pp in (1, 2):
+        got = run_distributed(_score_worker, pp, store, pp, True, timeout=300)[-1]  # the last stage
+        assert len(got) == len(dense) > 1
+        for a, b in zip(got, dense, strict=True):
+            assert float((a.logprobs - b.logprobs).abs().max()) < 1e-4
+            assert torch.equal(a.topk_ids, b.topk_ids)
+            assert float((a.topk_logprobs - b.topk_logprobs).abs().max()) < 1e-4

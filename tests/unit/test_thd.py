@@ -129,3 +129,28 @@ def test_thd_takes_one_row_per_micro_batch(store: PackedStore) -> None:
         collate_thd([store[0], store[1]], 1, store.seq_length)
     with pytest.raises(ValueError, match="more than"):
         pad_row(store[0], 64, store.seq_length)  # each run padded to 64 cannot fit a 64-token row
+
+
+def test_the_store_data_module_serves_thd_rows_at_the_padded_length(store: PackedStore) -> None:
+    """What `nemo-dcod train` builds for Transformer Engine on a packed store under CP=2."""
+    from nemo_dcod.data.module import StoreTraceDataModule
+
+    doc_multiple, row_mult = row_multiple(2)
+    length = store_row_length(store.path, store.seq_length, doc_multiple, row_mult)
+    module = StoreTraceDataModule(
+        path=str(store.path),
+        seq_length=store.seq_length,
+        micro_batch_size=1,
+        global_batch_size=4,
+        num_train_samples=8,
+        attention="thd",
+        doc_multiple=doc_multiple,
+        row_length=length,
+    )
+    assert module.data_sampler.seq_len == length > store.seq_length  # the pipeline's buffers
+    batches = [module.collate_fn([module.train_ds[i]]) for i in range(8)]
+    for batch in batches:
+        assert batch["tokens"].shape == (1, length) and "attention_mask" not in batch
+        assert int(batch["cu_seqlens_padded"][0, -1]) == length
+    dense = StoreTraceDataModule(str(store.path), store.seq_length, 2, 4, 8)
+    assert dense.collate_fn([dense.train_ds[0], dense.train_ds[1]])["attention_mask"].shape == (2, 1, 64, 64)
