@@ -80,6 +80,12 @@ class LossConfig:
     """iw_sft: upper clip of the sequence weight."""
     todi_beta: float = 1.0
     """todi: sharpness of the per-entry sigmoid gate."""
+    stats: str = field(default="previous_step", metadata={"choices": ("previous_step", "micro_batch")})
+    """DisCorD: where b and ḡ (global means over the batch) come from in training. previous_step:
+    the previous optimizer step's, over its whole global batch (all micro-batches and data-parallel
+    ranks), carried in checkpoints; a step's gradient then does not depend on how its batch is
+    split, and the first step of a run has λ = 0. micro_batch: each micro-batch's own, reduced over
+    data-parallel ranks (depends on the micro-batch size under gradient accumulation)."""
     chunk_size: int | None = None
     """Rows (tokens) per chunk of the vocab-parallel log-prob op; null: no chunking (fastest)."""
     validate: bool = True

@@ -137,9 +137,14 @@ class DisCorDLoss:
         inputs = sanitized(inputs)
         mask = inputs.mask
         delta, clipped = self.delta(inputs)
-        stats = ctx.stats if ctx.stats is not None else self.weight_stats([inputs], ctx.dp_group)
-        g = self.gate(delta, stats)
         lam = self.schedule(ctx.step, ctx.total_steps)
+        if ctx.stats is not None:
+            stats = ctx.stats
+        elif ctx.stats_pending:  # carried statistics, none yet: this step is plain SFT (see LossContext)
+            stats, lam = WeightStats(delta_mean=0.0, g_mean=1.0), 0.0
+        else:
+            stats = self.weight_stats([inputs], ctx.dp_group)
+        g = self.gate(delta, stats)
         g_mean = stats.g_mean if stats.g_mean > 0 else 1.0
         weights = ((1.0 - lam) + lam * g / g_mean).detach()
 

@@ -90,6 +90,9 @@ class LossContext:
             micro-batches, see ``DisCorDLoss.weight_stats``, or the previous step's). None: they
             are computed on this micro-batch and reduced over ``dp_group``, which is exact for any
             data-parallel size but not across gradient-accumulation micro-batches.
+        stats_pending: the statistics are carried from step to step and none exist yet (the first
+            step of a run): the weights are 1 (λ = 0) for this step, whatever the schedule says,
+            so that no step depends on how its batch is split.
         validate: check inputs (finite, in range); costs a device sync per micro-batch.
     """
 
@@ -97,6 +100,7 @@ class LossContext:
     total_steps: int = 1
     dp_group: ProcessGroup | None = None
     stats: WeightStats | None = None
+    stats_pending: bool = False
     validate: bool = True
     extra: dict[str, float] = field(default_factory=dict)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from nemo.collections import llm
 
-from nemo_dcod.model.reduction import DistillLossReduction
+from nemo_dcod.model.reduction import DistillLossReduction, carried_stats
 
 __all__ = ["DistillGPTModel"]
 
@@ -29,6 +29,9 @@ class DistillGPTModel(llm.GPTModel):
         loss: the ``loss`` section of the training config, as a dict of ``LossConfig`` fields.
         vocab_size: the tokenizer's real vocabulary size (the output layer may be padded).
         total_steps: the run's optimizer steps (DisCorD's λ schedule).
+        stats_key: names the run's carried DisCorD statistics
+            (:func:`~nemo_dcod.model.reduction.carried_stats`), shared by the models NeMo makes
+            for virtual-pipeline chunks from these same arguments; empty: this model's own.
         optim, tokenizer, model_transform: as for ``llm.GPTModel``.
     """
 
@@ -38,6 +41,7 @@ class DistillGPTModel(llm.GPTModel):
         loss: dict[str, Any],
         vocab_size: int,
         total_steps: int,
+        stats_key: str = "",
         optim: Any = None,
         tokenizer: Any = None,
         model_transform: Any = None,
@@ -48,8 +52,9 @@ class DistillGPTModel(llm.GPTModel):
         self.loss_settings = dict(loss)
         self.real_vocab_size = int(vocab_size)
         self.total_steps = int(total_steps)
+        self.stats_key = stats_key or f"model-{id(self)}"
 
-    def _reduction(self) -> DistillLossReduction:
+    def _reduction(self, validation: bool = False) -> DistillLossReduction:
         from nemo_dcod.config import LossConfig
 
         cfg = LossConfig(**self.loss_settings)
@@ -60,6 +65,10 @@ class DistillGPTModel(llm.GPTModel):
             total_steps=self.total_steps,
             chunk_size=cfg.chunk_size,
             validate=cfg.validate,
+            stats=cfg.stats,
+            # Validation weighs with the statistics training carries; it never updates them.
+            carried=carried_stats(self.stats_key),
+            update_stats=not validation,
         )
 
     def _global_step(self) -> int:
@@ -77,5 +86,5 @@ class DistillGPTModel(llm.GPTModel):
     def validation_loss_reduction(self) -> DistillLossReduction:
         """Our loss on the validation micro-batches (built once)."""
         if self._validation_loss_reduction is None:
-            self._validation_loss_reduction = self._reduction()
+            self._validation_loss_reduction = self._reduction(validation=True)
         return self._validation_loss_reduction

@@ -10,27 +10,61 @@ count of loss tokens, for every layout. :meth:`reduce` turns the per-micro-batch
 that is logged (the global token-weighted mean) and keeps the DisCorD diagnostics of the step in
 :attr:`last_metrics` for the metrics logger.
 
-Weight statistics (ḡ, the centring mean) are reduced over the data-parallel x context-parallel
-group per micro-batch: exact for any data-parallel size; across gradient-accumulation micro-batches
-each uses its own statistics (the pure-math loss also accepts whole-step statistics from a
-pre-pass, which would cost a second forward of every micro-batch).
+**Weight statistics** (DisCorD's ḡ and centring mean b) are global means over a batch. With
+``stats="previous_step"`` (the default) every micro-batch of step t uses those of step t-1's whole
+global batch (:attr:`DistillLossReduction.carried`, measured by :meth:`~DistillLossReduction.reduce`
+from the step's summed diagnostics, over all micro-batches and data-parallel x context-parallel
+ranks): a step's gradient then does not depend on its data-parallel size, micro-batch size or
+number of micro-batches, at no extra cost. The first step of a run has none to use and trains
+with λ = 0; checkpoints carry them (:class:`~nemo_dcod.train.callbacks.CarryWeightStats`), so a
+resumed run continues exactly. ``stats="micro_batch"`` reduces each micro-batch's own over the
+data-parallel group instead (exact across data-parallel ranks, not across accumulation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from nemo.lightning.megatron_parallel import MegatronLossReduction
 
 from nemo_dcod.losses import LossContext, TokenLoss, reduce_metrics
+from nemo_dcod.losses.types import WeightStats
 from nemo_dcod.parallel.signals import TraceBatch, loss_from_logits
 
-__all__ = ["DistillLossReduction"]
+__all__ = ["CarriedStats", "DistillLossReduction", "carried_stats"]
 
 # The key NeMo's MegatronStrategy reads for the logged loss: [loss_sum, num_tokens].
 _LOSS_KEY = "loss_sum_and_ub_size"
+
+
+@dataclass
+class CarriedStats:
+    """DisCorD's b and ḡ carried from one step to the next, shared by every model chunk of a run.
+
+    NeMo builds one model per virtual-pipeline chunk (the later ones re-instantiated from the
+    first's recorded arguments) and calls ``reduce`` on the first chunk's loss reduction while the
+    last chunk's runs the loss: both must see the same statistics, so they live here, under a key
+    that the re-instantiated models share (:func:`carried_stats`).
+
+    Attributes:
+        stats: the previous step's global statistics; None before the first step.
+        ready: ``stats.g_mean`` was measured with the ``b`` the next step gates with (not so after
+            a first step that had no b to centre with: one more step runs with λ = 0).
+    """
+
+    stats: WeightStats | None = None
+    ready: bool = False
+
+
+_CARRIED: dict[str, CarriedStats] = {}
+
+
+def carried_stats(key: str) -> CarriedStats:
+    """The :class:`CarriedStats` of run ``key`` in this process (made on first use)."""
+    return _CARRIED.setdefault(key, CarriedStats())
 
 
 class DistillLossReduction(MegatronLossReduction):
@@ -43,6 +77,11 @@ class DistillLossReduction(MegatronLossReduction):
         total_steps: the run's number of optimizer steps.
         chunk_size: rows per chunk of the vocab-parallel op (``None``: one pass).
         validate: check every micro-batch's inputs (finite, ids in range).
+        stats: ``previous_step`` or ``micro_batch`` (see the module docstring).
+        carried: the run's carried statistics (shared with the validation reduction and every
+            model chunk); None: a private one.
+        update_stats: measure each step's statistics into ``carried`` (training); False: only
+            read them (validation).
     """
 
     def __init__(
@@ -53,6 +92,9 @@ class DistillLossReduction(MegatronLossReduction):
         total_steps: int,
         chunk_size: int | None = None,
         validate: bool = True,
+        stats: str = "previous_step",
+        carried: CarriedStats | None = None,
+        update_stats: bool = True,
     ) -> None:
         super().__init__()
         self.loss = loss
@@ -61,6 +103,9 @@ class DistillLossReduction(MegatronLossReduction):
         self.total_steps = total_steps
         self.chunk_size = chunk_size
         self.validate = validate
+        self.stats_mode = stats
+        self.carried = carried if carried is not None else CarriedStats()
+        self.update_stats = update_stats
         self.last_metrics: dict[str, float] = {}
         self.last_weight_hist: torch.Tensor | None = None
         self.last_loss: float | None = None
@@ -76,10 +121,13 @@ class DistillLossReduction(MegatronLossReduction):
         """
         from megatron.core import parallel_state
 
+        carry = self.stats_mode == "previous_step"
         ctx = LossContext(
             step=int(self.step_fn()),
             total_steps=self.total_steps,
             dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+            stats=self.carried.stats if carry else None,
+            stats_pending=carry and not self.carried.ready,
             validate=self.validate,
         )
         trace_batch: TraceBatch = {k: v for k, v in batch.items() if v is not None}  # type: ignore[assignment]
@@ -114,6 +162,15 @@ class DistillLossReduction(MegatronLossReduction):
         step = reduce_metrics([x["metrics"] for x in losses_reduced_per_micro_batch], group)
         self.last_metrics = {k: float(v) for k, v in step.items() if v.numel() == 1}
         self.last_weight_hist = step.get("weight_hist")
+        if self.update_stats and self.stats_mode == "previous_step" and "g_mean" in step:
+            # This step's global statistics (every micro-batch, every DP rank), for the next step.
+            # ḡ is usable if this step's gate had its b: always without centring; with it, once
+            # a b was carried into this step.
+            gated_with_b = self.carried.stats is not None or not getattr(self.loss, "center", False)
+            self.carried.stats = WeightStats(
+                delta_mean=float(step["delta_mean"]), g_mean=float(step["g_mean"])
+            )
+            self.carried.ready = gated_with_b
         mean = totals[0] / totals[1].clamp(min=1.0)
         self.last_loss = float(mean)
         return mean

@@ -30,7 +30,13 @@ import lightning.pytorch as pl
 import torch
 from nemo.lightning import io
 
-__all__ = ["PREEMPT_EXIT_CODE_ENV", "MetricsCallback", "PreemptOnSigterm", "PreemptOnSigusr1"]
+__all__ = [
+    "PREEMPT_EXIT_CODE_ENV",
+    "CarryWeightStats",
+    "MetricsCallback",
+    "PreemptOnSigterm",
+    "PreemptOnSigusr1",
+]
 
 
 def _last_stage_payload(pl_module: Any) -> dict[str, Any] | None:
@@ -55,6 +61,84 @@ def _from_last_stage(payload: dict[str, Any] | None) -> dict[str, Any] | None:
     box = [payload]
     torch.distributed.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+class CarryWeightStats(pl.Callback, io.IOMixin):
+    """DisCorD's carried statistics (b, ḡ of the previous step) on every rank, and in checkpoints.
+
+    The training reduction measures them on the last pipeline stage
+    (:class:`~nemo_dcod.model.reduction.CarriedStats`). After each step they are broadcast over
+    the pipeline group (three floats), so every rank, global rank 0 included, holds them when
+    Lightning's checkpoint callbacks run (those run after every other callback); they are saved
+    with the checkpoint's common state and put back on resume, so a resumed run weighs its next
+    step exactly as the uninterrupted run did.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._restored: dict[str, float] | None = None
+        self._module: Any = None
+
+    def _carried(self) -> Any:
+        reduction = getattr(self._module, "training_loss_reduction", None) if self._module else None
+        return getattr(reduction, "carried", None)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remember the module whose training reduction carries the statistics."""
+        del trainer, stage
+        self._module = pl_module
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put restored statistics into the run's carrier."""
+        del trainer, pl_module
+        from nemo_dcod.losses.types import WeightStats
+
+        carried = self._carried()
+        if self._restored and carried is not None:
+            carried.stats = WeightStats(self._restored["delta_mean"], self._restored["g_mean"])
+            carried.ready = bool(self._restored["ready"])
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Send the last stage's statistics to every rank of its pipeline."""
+        del trainer, pl_module, outputs, batch, batch_idx
+        from megatron.core import parallel_state
+
+        from nemo_dcod.losses.types import WeightStats
+
+        carried = self._carried()
+        if carried is None or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return
+        stats = carried.stats
+        box = torch.tensor(
+            [float(stats is not None), float(carried.ready), *(stats.delta_mean, stats.g_mean)]
+            if stats is not None
+            else [0.0, 0.0, 0.0, 0.0],
+            dtype=torch.float64,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
+        torch.distributed.broadcast(
+            box,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        if float(box[0]) > 0:
+            carried.stats = WeightStats(delta_mean=float(box[2]), g_mean=float(box[3]))
+            carried.ready = bool(box[1])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The statistics the next step uses (empty before the first step)."""
+        carried = self._carried()
+        if carried is None or carried.stats is None:
+            return {}
+        s = carried.stats
+        return {"delta_mean": s.delta_mean, "g_mean": s.g_mean, "ready": float(carried.ready)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Statistics from a checkpoint, applied at train start."""
+        keys = ("delta_mean", "g_mean", "ready")
+        self._restored = {k: float(state_dict[k]) for k in keys} if state_dict else None
 
 
 class MetricsCallback(pl.Callback, io.IOMixin):

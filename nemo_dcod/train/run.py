@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,7 @@ def build_model(cfg: TrainConfig, seq_length: int | None = None) -> Any:
         loss=dataclasses.asdict(cfg.loss),
         vocab_size=cfg.data.vocab_size,
         total_steps=cfg.trainer.max_steps,
+        stats_key=uuid.uuid4().hex,  # this launch's carried statistics (see DistillGPTModel)
         optim=MegatronOptimizerModule(config=optimizer, lr_scheduler=scheduler),
     )
 
@@ -263,7 +265,12 @@ def _trainer(cfg: TrainConfig, run_dir: Path) -> Any:
     from megatron.core.distributed import DistributedDataParallelConfig
     from nemo import lightning as nl
 
-    from nemo_dcod.train.callbacks import MetricsCallback, PreemptOnSigterm, PreemptOnSigusr1
+    from nemo_dcod.train.callbacks import (
+        CarryWeightStats,
+        MetricsCallback,
+        PreemptOnSigterm,
+        PreemptOnSigusr1,
+    )
 
     p, t = cfg.parallel, cfg.trainer
     strategy = nl.MegatronStrategy(
@@ -289,6 +296,7 @@ def _trainer(cfg: TrainConfig, run_dir: Path) -> Any:
         MetricsCallback(
             str(run_dir), tokens_per_step, t.max_steps, t.log_every_n_steps, config_yaml=to_yaml(cfg)
         ),
+        CarryWeightStats(),
         PreemptOnSigterm(),
         PreemptOnSigusr1(),
     ]

@@ -20,14 +20,11 @@ that run's step-1 loss and gradient norm (on the initial weights) equal the refe
 PP=2 with virtual PP=2 (interleaved schedule, one layer per chunk), TP=2 x PP=2 (4 processes) and
 DP=2. TP and PP runs use micro-batch 2 like the reference (4 micro-batches of the same samples).
 
-**Why DP=2 runs with micro-batch 1.** DisCorD reduces its weight statistics per micro-batch over
-the data-parallel group (:mod:`nemo_dcod.model.reduction`), so the loss depends on which samples
-share a micro-batch *step*. Megatron's sampler gives data-parallel rank r the slice
-``[r*mbs, (r+1)*mbs)`` of each block of ``mbs*DP`` consecutive samples. At DP=2 with micro-batch 1,
-micro-batch k spans samples {2k, 2k+1} over the two ranks: exactly the reference's micro-batch k
-(DP=1, micro-batch 2). So DisCorD itself is compared, statistics included, not a loss chosen to
-be blind to the partition. (DP=2 with micro-batch 2 groups {0..3}, {4..7}: measured, its step-1
-grad_norm differs from the reference by 2e-3 (relative): this comparison sees the partition.)
+**DP=2 at micro-batch 1 and 2.** DisCorD's statistics are the previous step's, over its whole
+global batch (``loss.stats=previous_step``, the default; :mod:`nemo_dcod.model.reduction`), so a
+step's gradient does not depend on how its batch is split: DP=2 must match whichever samples share
+a micro-batch. (With ``loss.stats=micro_batch`` DP=2 at micro-batch 2 groups samples {0..3},
+{4..7} instead of the reference's pairs: its grad_norm differs by ~2e-3, relative.)
 
 This test found two real bugs, both fixed where the model and the run are built: the interleaved
 schedule's batched p2p exchange swapped activations and gradients at PP=2 (Megatron-LM issue #750;
@@ -110,7 +107,8 @@ LAYOUTS = [
             "trainer.micro_batch_size=2",
         ),
     ),
-    Layout("dp2", 2, ("trainer.micro_batch_size=1",)),  # same micro-batch partition: see above
+    Layout("dp2", 2, ("trainer.micro_batch_size=1",)),
+    Layout("dp2_mbs2", 2, ("trainer.micro_batch_size=2",)),  # another partition into micro-batches
 ]
 
 
