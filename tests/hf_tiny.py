@@ -8,7 +8,14 @@ bos/eos/pad/unk tokens and a chat template, saved as a ``PreTrainedTokenizerFast
 
 The Llama shape equals ``nemo_dcod.model.families.TINY`` with the RoPE settings of
 ``Llama31Config8B`` (base 500000, llama3 scaling 8/1/4/8192), so an imported tiny Llama is a valid
-``model.init_from`` for ``nemo-dcod train model.family=llama3.1 model.size=tiny``.
+``model.init_from`` for ``nemo-dcod train model.family=llama3.1 model.size=tiny``. The families
+are also named as ``nemo-dcod train`` names them (:data:`TRAIN_FAMILIES`): ``llama3.2`` is Llama 3.2's
+form (tied embeddings, llama3 scaling factor 32, as ``Llama32Config1B``), ``llama3.3`` Llama 3.3's
+(as ``Llama31Config70B``: Llama 3.1's settings), ``qwen2.5`` the qwen2 architecture.
+
+Released checkpoints are bf16: ``make_hf_checkpoint(..., dtype=torch.bfloat16)`` saves one (the
+random values are drawn in fp32 and rounded once), ``hf_logits(..., dtype=torch.float32)`` runs a
+folder with its weights upcast.
 """
 
 from __future__ import annotations
@@ -43,10 +50,29 @@ SHAPE: dict[str, Any] = {
 }
 
 
+# `nemo-dcod train` family -> (architecture, settings of that release over the architecture's tiny config).
+TRAIN_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama3.1": ("llama", {}),
+    "llama3.2": ("llama", {"tie_word_embeddings": True, "rope_factor": 32.0}),
+    "llama3.3": ("llama", {}),
+    "qwen2.5": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+}
+
+
 def hf_config(family: str, **overrides: Any) -> Any:
-    """A transformers config of ``family`` (llama | qwen2 | qwen3) at the tiny shape."""
+    """A transformers config of ``family`` at the tiny shape.
+
+    Args:
+        family: an architecture (llama | qwen2 | qwen3) or a train family (:data:`TRAIN_FAMILIES`).
+        overrides: config fields; ``rope_factor`` sets Llama's llama3 RoPE scaling factor.
+    """
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
+    if family in TRAIN_FAMILIES:
+        family, release = TRAIN_FAMILIES[family]
+        overrides = {**release, **overrides}
+    rope_factor = float(overrides.pop("rope_factor", 8.0))
     ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
     if family == "llama":
         values: dict[str, Any] = {
@@ -55,7 +81,7 @@ def hf_config(family: str, **overrides: Any) -> Any:
             "rope_theta": 500000.0,
             "rope_scaling": {
                 "rope_type": "llama3",
-                "factor": 8.0,
+                "factor": rope_factor,
                 "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192,
@@ -117,7 +143,17 @@ def make_hf_checkpoint(
     tokenizer_vocab: int | None = None,
     **overrides: Any,
 ) -> Path:
-    """Save a tiny random ``family`` model with its tokenizer and generation config to ``path``."""
+    """Save a tiny random ``family`` model with its tokenizer and generation config to ``path``.
+
+    Args:
+        path: the folder to write.
+        family: see :func:`hf_config`.
+        seed: seeds the weights.
+        dtype: dtype of the saved weights (and config.json's ``dtype``): bf16 as released models.
+        max_shard_size: shard the safetensors (e.g. ``"200KB"``); None: one file.
+        tokenizer_vocab: tokens of the tokenizer; None: the model's vocab_size.
+        overrides: config fields (:func:`hf_config`).
+    """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     config = hf_config(family, **overrides)
@@ -145,11 +181,32 @@ def shard_files(path: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-def hf_logits(path: Path, input_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, S, V]`` float32 logits of the HF model at ``path``."""
+def hf_logits(path: Path, input_ids: torch.Tensor, dtype: torch.dtype | str = "auto") -> torch.Tensor:
+    """``[B, S, V]`` float32 logits of the HF model at ``path``, computed in ``dtype``.
+
+    ``dtype``: "auto" (the saved weights' dtype) or a torch dtype (e.g. float32: bf16 weights upcast).
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
     model.eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()
+
+
+def safetensors_of(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the HF folder ``path`` (all shards), by name, as stored."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for name in shard_files(path):
+        out.update(load_file(path / name))
+    return out
+
+
+def logit_rows(seed: int = 7) -> list[torch.Tensor]:
+    """``[S_i]`` int64 rows: :data:`PROMPTS` (word-level ids), then 40 random ids over the vocabulary."""
+    tok = make_tokenizer()
+    rows = [torch.tensor(tok(p)["input_ids"]) for p in PROMPTS]
+    rows.append(torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(seed)))
+    return rows

@@ -101,7 +101,8 @@ def _vocab_divisor(vocab_size: int) -> int:
 
 
 def _hf_dtype(hf_config: Any) -> torch.dtype:
-    dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None) or torch.float32
+    # transformers >= 4.56 names it `dtype` (reading `torch_dtype` there only warns that it is deprecated).
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -14,16 +14,30 @@ from dataclasses import dataclass, field
 
 from nemo_dcod.config import choice_problems
 
-__all__ = ["DEFAULT_PROMPTS", "TOLERANCE", "ExportConfig", "ImportConfig", "VerifySection"]
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "LOW_PRECISION_FACTORS",
+    "TOLERANCE",
+    "ExportConfig",
+    "ImportConfig",
+    "VerifySection",
+]
 
-# Max |logit difference| allowed between the two sides, by the dtype they compute in.
-# fp32: the same math in a different order: measured <= 1.1e-5 on the tests' tiny random models
-# (logits up to ~8), on CPU, for Llama, Qwen2 and Qwen3.
-# bf16: the two implementations round at different points (norms, RoPE, attention) and 4 random
-# layers amplify it: measured max 0.2-0.9, mean ~0.04 on the same models; the bound is loose and
-# only catches gross errors. That is why verification runs in fp32 by default (verify.dtype).
-# fp16: 3 more mantissa bits than bf16; not measured, set proportionally.
-TOLERANCE: dict[str, float] = {"fp32": 1e-4, "bf16": 1.0, "fp16": 0.25}
+# Max |logit difference| allowed between the two sides computing in fp32: the same math in a
+# different order, measured <= 1.1e-5 on the tests' tiny random models (logits up to ~8), on CPU, for
+# Llama, Qwen2 and Qwen3, from fp32 and from bf16 checkpoints (bf16 weights widen exactly).
+TOLERANCE: dict[str, float] = {"fp32": 1e-4}
+
+# Computing in bf16/fp16 (verify.dtype=checkpoint), no fixed bound works: rounding errors grow with
+# depth, width and logit size. Measured, HF vs NeMo both in bf16, on tiny random bf16 models: max
+# |dlogit| 0.2-0.9 at 4 layers x 64, 1.7-2.4 at 16 x 64, 2.3-7.4 at 8-16 x 256 (the old fixed 1.0
+# failed correct conversions), while a swapped gate/up projection in one layer gave 4-9. So the
+# bound is relative, as kernel tests do it (FlashAttention's): the reference side (transformers) is
+# run in fp32 too (the exact logits of the same weights), and the other side's error against those
+# must stay within a factor of the reference's own low-precision error, on the max and on the mean.
+# Measured over 18 correct conversions (3 families x 3 shapes x 2 seeds): max ratio 0.61-2.14,
+# mean ratio 0.86-1.16; with one layer's gate/up swapped: max >= 3.6, mean >= 14.8.
+LOW_PRECISION_FACTORS: dict[str, float] = {"max": 4.0, "mean": 2.0}
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -46,10 +60,13 @@ class VerifySection:
     """Tokens per row (prompts are truncated to it)."""
     dtype: str = field(default="fp32", metadata={"choices": ("fp32", "checkpoint")})
     """Compute dtype of both sides: fp32 (bf16/fp16 weights upcast exactly: checks the conversion to
-    1e-4 whatever the checkpoint's dtype), or checkpoint (the checkpoint's own dtype: also checks the
-    two implementations' low-precision kernels, to a looser bound)."""
+    1e-4 whatever the checkpoint's dtype), or checkpoint (the checkpoint's own dtype, for an export
+    the HF folder's: also checks the two implementations' low-precision kernels, against a bound
+    relative to the reference's own low-precision error; see LOW_PRECISION_FACTORS)."""
     tolerance: float | None = None
-    """Max |logit difference| allowed; null: by compute dtype (fp32 1e-4, bf16 1.0, fp16 0.25)."""
+    """Max |logit difference| allowed between the two sides; null: 1e-4 in fp32, and in bf16/fp16
+    the relative bound (the other side's error vs the reference's fp32 logits within 4x the
+    reference's own bf16 error on the max, 2x on the mean)."""
     seed: int = 0
     """Seeds the random rows."""
 
@@ -107,13 +124,17 @@ class ExportConfig:
     """Tokenizer when the checkpoint has none: a HF folder or a NeMo checkpoint (e.g. the import)."""
     max_shard_size: str = "5GB"
     """Largest safetensors shard of the HF folder."""
+    dtype: str = field(default="checkpoint", metadata={"choices": ("checkpoint", "bf16", "fp16", "fp32")})
+    """Weights of the HF folder: checkpoint (the checkpoint's precision: bf16 for the import of a bf16
+    model, fp32 for an fp32 training run), or a dtype (fp32 -> bf16 rounds to nearest, as released
+    checkpoints are). The NeMo output keeps the checkpoint's dtype."""
     overwrite: bool = False
     """Replace existing outputs (``--overwrite``); otherwise an existing output is an error."""
     verify: VerifySection = field(default_factory=VerifySection)
     """Same prompts through the NeMo checkpoint and the exported HF folder."""
 
     def problems(self) -> list[str]:
-        out = []
+        out = choice_problems(self)
         if not self.checkpoint:
             out.append("checkpoint: required; the NeMo 2 checkpoint (--checkpoint DIR or checkpoint=DIR).")
         if not self.hf_out and not self.nemo_out:

@@ -16,7 +16,9 @@ Two deliverables, each written completely or not at all (:mod:`nemo_dcod.convert
   tied Qwen2 embeddings, Qwen3's hard-coded token ids, vocabulary taken from the tokenizer) and
   checks that every tensor was converted (:mod:`nemo_dcod.convert.coverage`). It writes sharded
   safetensors with their index, ``config.json``, ``generation_config.json`` and the tokenizer with
-  its chat template; ``transformers.AutoModelForCausalLM.from_pretrained`` loads it.
+  its chat template; ``transformers.AutoModelForCausalLM.from_pretrained`` loads it. Its weights
+  are in the checkpoint's dtype or in ``dtype`` (an fp32 training run exported as bf16: rounded
+  to nearest even, and verified against the checkpoint rounded alike).
 
 Memory: the NeMo model is loaded once; the HF model is created without initialisation
 (untouched memory is never paged in) and its parameters become the converted tensors, most of
@@ -37,6 +39,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from nemo_dcod.convert.architectures import FAMILIES, Family
 from nemo_dcod.convert.config import ExportConfig
@@ -170,6 +174,8 @@ class _CheckedExporter:
     """Mixin over a NeMo HF exporter: fixed HF config, complete conversion, sharded output."""
 
     max_shard_size: str = "5GB"
+    dtype: Any = None
+    """torch dtype of the HF weights; None: the checkpoint's (its ``bf16`` / ``fp16`` flags)."""
     coverage: Coverage | None = None
     trust_remote_code: bool | None = None  # read by NeMo's Qwen exporters
 
@@ -210,9 +216,10 @@ class _CheckedExporter:
         from transformers import GenerationConfig
 
         source, trainer = self.nemo_load(str(self))  # type: ignore[attr-defined]
-        dtype = torch_dtype_from_mcore_config(source.config)
+        dtype = self.dtype or torch_dtype_from_mcore_config(source.config)
         # The local spec keeps its norms in fp32 whatever params_dtype is; the HF model holds every
-        # tensor in one dtype and NeMo's mapping asserts that no target dtype changes.
+        # tensor in one dtype and NeMo's mapping asserts that no target dtype changes. A narrower
+        # export dtype rounds here, to nearest even (fp32 -> bf16 as released checkpoints are made).
         megatron_module(source).to(dtype)
         target = self.init(dtype)  # type: ignore[attr-defined]
         tracked = nemo_source(source)
@@ -262,6 +269,15 @@ def _exporter_classes() -> dict[str, type]:
 # --------------------------------------------------------------------------- the stage
 
 
+# ExportConfig.dtype -> the HF weights' torch dtype (None: the checkpoint's).
+_DTYPES: dict[str, Any] = {
+    "checkpoint": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
 def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
@@ -305,6 +321,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
 
     checkpoint = Path(cfg.checkpoint).expanduser().resolve()
+    export_dtype = _DTYPES[cfg.dtype]
     hf_out = Path(cfg.hf_out).expanduser().resolve() if cfg.hf_out else None
     nemo_out = Path(cfg.nemo_out).expanduser().resolve() if cfg.nemo_out else None
     _check_checkpoint(checkpoint)
@@ -346,14 +363,17 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             written.append(staging)
             exporter = _exporter_classes()[family.model_class](str(nemo_checkpoint))
             exporter.max_shard_size = cfg.max_shard_size
+            exporter.dtype = export_dtype
             exporter(output_path=staging)  # NeMo's Connector.__call__ -> our apply()
             report["coverage"] = exporter.coverage.summary() if exporter.coverage else None
             if cfg.verify.enabled:
-                result = compare_hf_nemo(staging, nemo_checkpoint, cfg.verify)
+                result = compare_hf_nemo(staging, nemo_checkpoint, cfg.verify, nemo_round_to=export_dtype)
                 report["verify_hf"] = result.summary()
                 print(result.describe("NeMo -> HF"))
                 result.check("NeMo -> HF")
             report["hf_weight_bytes"] = _folder_bytes(staging, "*.safetensors")
+            written_config = json.loads((staging / "config.json").read_text())
+            report["hf_dtype"] = written_config.get("dtype") or written_config.get("torch_dtype")
         report["peak_rss_bytes"] = _peak_rss_bytes()
         weights = report.get("hf_weight_bytes") or _folder_bytes(nemo_checkpoint / "weights")
         report["peak_rss_over_weights"] = report["peak_rss_bytes"] / max(weights, 1)

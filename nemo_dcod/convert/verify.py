@@ -3,8 +3,11 @@
 Both sides run the same rows of token ids: the configured prompts, tokenized by the checkpoint's
 tokenizer, plus rows of random ids over the whole vocabulary (a prompt touches a few embedding
 rows; random rows touch many). One row at a time, no padding, every position compared, logits in
-float32. The result is the max and the mean absolute difference over all of them; the check fails
-above a tolerance set per parameter dtype (:data:`~nemo_dcod.convert.config.TOLERANCE`).
+float32. The result is the max and the mean absolute difference over all of them. Computing in
+fp32 the check fails above :data:`~nemo_dcod.convert.config.TOLERANCE` (1e-4); computing in
+bf16/fp16 (``verify.dtype=checkpoint``) the reference also runs in fp32 and the other side's error
+against those exact logits must stay within a factor of the reference's own low-precision error
+(:data:`~nemo_dcod.convert.config.LOW_PRECISION_FACTORS`: no fixed bound fits every model size).
 
 The NeMo side is loaded without Lightning: the model from the checkpoint's ``context/``, built by
 its config's ``configure_model`` under the current Megatron parallel state, and its weights read
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_dcod.convert.config import TOLERANCE, VerifySection
+from nemo_dcod.convert.config import LOW_PRECISION_FACTORS, TOLERANCE, VerifySection
 
 __all__ = [
     "Comparison",
@@ -55,34 +58,76 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class Comparison:
-    """Max / mean |logit difference| of two models over the same rows."""
+    """Max / mean |logit difference| of two models over the same rows.
+
+    In fp32 (or with an explicit ``verify.tolerance``) the check is ``max_abs <= tolerance``. In
+    bf16/fp16 the reference side also ran in fp32 (the exact logits of its weights), and the check
+    is relative (:data:`~nemo_dcod.convert.config.LOW_PRECISION_FACTORS`): the other side's error
+    against those fp32 logits (``error_max``, ``error_mean``) within a factor of the reference's
+    own low-precision error (``reference_error_max``, ``reference_error_mean``).
+    """
 
     max_abs: float
     mean_abs: float
-    tolerance: float
+    tolerance: float | None
+    """Bound on ``max_abs``; None: the relative low-precision bound."""
     dtype: str
     rows: int
     tokens: int
     logit_scale: float = 0.0
     """max |logit| of the reference side (bf16 differences grow with it)."""
+    reference_error_max: float | None = None
+    reference_error_mean: float | None = None
+    error_max: float | None = None
+    error_mean: float | None = None
+
+    @property
+    def relative(self) -> bool:
+        """Whether the relative low-precision bound applies."""
+        return self.tolerance is None and self.reference_error_max is not None
+
+    def ratios(self) -> tuple[float, float]:
+        """(max, mean) of the other side's error over the reference's own (relative bound only)."""
+        assert self.relative and self.error_max is not None and self.error_mean is not None
+        assert self.reference_error_max is not None and self.reference_error_mean is not None
+
+        def ratio(err: float, ref: float) -> float:
+            if ref > 0:
+                return err / ref
+            return 0.0 if err == 0 else float("inf")
+
+        return ratio(self.error_max, self.reference_error_max), ratio(
+            self.error_mean, self.reference_error_mean
+        )
 
     @property
     def passed(self) -> bool:
-        """Max difference within the tolerance (and finite)."""
-        return bool(self.max_abs <= self.tolerance)
+        """Within the bound (and finite)."""
+        if not self.relative:
+            return self.tolerance is not None and bool(self.max_abs <= self.tolerance)
+        r_max, r_mean = self.ratios()
+        return bool(r_max <= LOW_PRECISION_FACTORS["max"] and r_mean <= LOW_PRECISION_FACTORS["mean"])
 
     def describe(self, what: str) -> str:
         """One line for the console."""
         verdict = "ok" if self.passed else "FAILED"
-        return (
+        head = (
             f"verify {what}: max |dlogit| {self.max_abs:.3e}, mean {self.mean_abs:.3e} over "
-            f"{self.rows} rows / {self.tokens} tokens (logits up to {self.logit_scale:.3g}; "
-            f"{self.dtype}, tolerance {self.tolerance:g}): {verdict}"
+            f"{self.rows} rows / {self.tokens} tokens (logits up to {self.logit_scale:.3g}; {self.dtype}"
+        )
+        if not self.relative:
+            return f"{head}, tolerance {self.tolerance:g}): {verdict}"
+        r_max, r_mean = self.ratios()
+        return (
+            f"{head}); against the reference's fp32 logits: max {self.error_max:.3e}, mean "
+            f"{self.error_mean:.3e}, the reference's own {self.dtype} error max "
+            f"{self.reference_error_max:.3e}, mean {self.reference_error_mean:.3e} (ratios {r_max:.2f} <= "
+            f"{LOW_PRECISION_FACTORS['max']:g}, {r_mean:.2f} <= {LOW_PRECISION_FACTORS['mean']:g}): {verdict}"
         )
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able record."""
-        return {
+        out: dict[str, Any] = {
             "max_abs_logit_diff": self.max_abs,
             "mean_abs_logit_diff": self.mean_abs,
             "tolerance": self.tolerance,
@@ -92,14 +137,23 @@ class Comparison:
             "logit_scale": self.logit_scale,
             "passed": self.passed,
         }
+        if self.reference_error_max is not None:
+            out["vs_reference_fp32"] = {
+                "max_abs_logit_diff": self.error_max,
+                "mean_abs_logit_diff": self.error_mean,
+                "reference_own_max": self.reference_error_max,
+                "reference_own_mean": self.reference_error_mean,
+                "factors": dict(LOW_PRECISION_FACTORS),
+            }
+        return out
 
     def check(self, what: str = "") -> None:
-        """Raise :class:`VerificationError` if the difference is above the tolerance."""
+        """Raise :class:`VerificationError` if the difference is above the bound."""
         if not self.passed:
             raise VerificationError(
                 self.describe(what)
                 + ". The converted model does not compute what the source computes; nothing was written. "
-                "(verify.tolerance=... sets the bound; --no-verify skips the check.)"
+                "(verify.tolerance=... sets an absolute bound; --no-verify skips the check.)"
             )
 
 
@@ -122,28 +176,53 @@ def verification_rows(tokenizer: Any, settings: VerifySection, vocab_size: int) 
     return rows
 
 
-def compare_logits(
-    reference: Sequence[torch.Tensor],
-    other: Sequence[torch.Tensor],
-    dtype: torch.dtype,
-    tolerance: float | None,
-) -> Comparison:
-    """Compare per-row ``[S, V]`` logits (other may carry padded vocabulary columns: ignored)."""
+def _abs_diff(reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """(max, mean) |reference - other| over every row; other may carry padded vocabulary columns."""
     diffs = []
     for ref, oth in zip(reference, other, strict=True):
         vocab = ref.shape[-1]
         diffs.append((ref.double() - oth[..., :vocab].double()).abs().flatten())
     diff = torch.cat(diffs)
     max_abs = float(diff.max()) if torch.isfinite(diff).all() else float("inf")
+    return max_abs, float(diff.mean())
+
+
+def compare_logits(
+    reference: Sequence[torch.Tensor],
+    other: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    tolerance: float | None,
+    reference_fp32: Sequence[torch.Tensor] | None = None,
+) -> Comparison:
+    """Compare per-row ``[S, V]`` logits (other may carry padded vocabulary columns: ignored).
+
+    Args:
+        reference, other: the two sides' logits, computed in ``dtype``.
+        dtype: the compute dtype of both sides.
+        tolerance: an absolute bound on max |reference - other|; None: 1e-4 in fp32, the relative
+            bound in bf16/fp16 (needs ``reference_fp32``).
+        reference_fp32: the reference side's logits with its weights upcast to fp32 (bf16/fp16 only).
+
+    Raises:
+        ValueError: a low-precision dtype without ``tolerance`` nor ``reference_fp32``.
+    """
+    max_abs, mean_abs = _abs_diff(reference, other)
     name = dtype_name(dtype)
+    extra: dict[str, float] = {}
+    if tolerance is None and name != "fp32":
+        if reference_fp32 is None:
+            raise ValueError(f"compare_logits: {name} without a tolerance needs the reference's fp32 logits.")
+        extra["reference_error_max"], extra["reference_error_mean"] = _abs_diff(reference_fp32, reference)
+        extra["error_max"], extra["error_mean"] = _abs_diff(reference_fp32, other)
     return Comparison(
         max_abs=max_abs,
-        mean_abs=float(diff.mean()),
-        tolerance=TOLERANCE[name] if tolerance is None else tolerance,
+        mean_abs=mean_abs,
+        tolerance=TOLERANCE["fp32"] if tolerance is None and name == "fp32" else tolerance,
         dtype=name,
         rows=len(reference),
         tokens=sum(int(r.shape[0]) for r in reference),
         logit_scale=max(float(r.abs().max()) for r in reference),
+        **extra,
     )
 
 
@@ -220,7 +299,11 @@ def _tied_embeddings_from_checkpoint() -> Iterator[None]:
 
 
 def load_nemo_model(
-    checkpoint: Path, dtype: torch.dtype | None = None, *, local_spec: bool = False
+    checkpoint: Path,
+    dtype: torch.dtype | None = None,
+    *,
+    local_spec: bool = False,
+    round_to: torch.dtype | None = None,
 ) -> tuple[Any, Any]:
     """The Megatron model of a NeMo 2 checkpoint, weights loaded, under the current parallel state.
 
@@ -233,6 +316,8 @@ def load_nemo_model(
             block-diagonal mask); Transformer Engine's fused attention with the causal mask type
             ignores it. The stored weights load either way (the local spec's sharded state dict
             uses TE's fused-norm names). On a machine without TE the spec is local anyway.
+        round_to: round every weight to this dtype (nearest even) and back, after loading: the
+            values an export to that dtype holds, computed in ``dtype``.
 
     Returns:
         ``(mcore_model, nemo_model)``: the ``MCoreGPTModel`` (eval mode) and the NeMo
@@ -276,6 +361,10 @@ def load_nemo_model(
     mcore.load_state_dict(state, strict=True)
     if dtype is not None:
         mcore.to(dtype)  # norms of the local spec are built in fp32 whatever params_dtype says
+    if round_to is not None:
+        with torch.no_grad():
+            for param in mcore.parameters():
+                param.copy_(param.to(round_to))
     mcore.eval()
     return mcore, nemo_model
 
@@ -387,56 +476,82 @@ def nemo_logits(mcore: Any, rows: Sequence[torch.Tensor]) -> list[torch.Tensor] 
 
 
 def compare_hf_nemo(
-    hf_dir: Path, nemo_checkpoint: Path, settings: VerifySection, hf_model: Any = None
+    hf_dir: Path,
+    nemo_checkpoint: Path,
+    settings: VerifySection,
+    hf_model: Any = None,
+    *,
+    nemo_round_to: torch.dtype | None = None,
 ) -> Comparison:
-    """Logits of the HF folder vs the NeMo checkpoint, in this process at TP = 1.
+    """Logits of the HF folder (the reference) vs the NeMo checkpoint, in this process at TP = 1.
 
-    The HF model is run and freed before the NeMo one is built: one model in memory at a time.
+    ``settings.dtype``: fp32 (both sides upcast), or checkpoint: both sides in the HF folder's
+    dtype, and for bf16/fp16 the HF model once more in fp32 for the relative bound. The HF model
+    is run and freed before the NeMo one is built: one model in memory at a time.
+
+    Args:
+        hf_dir: the HF folder (config, weights, tokenizer).
+        nemo_checkpoint: the NeMo 2 checkpoint.
+        settings: rows, compute dtype, tolerance.
+        hf_model: the HF model, already loaded (else read from ``hf_dir``).
+        nemo_round_to: the HF folder holds the checkpoint's weights rounded to this dtype (an
+            export to a narrower dtype): the NeMo side is rounded alike, so the comparison checks
+            the conversion, not the rounding.
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    compute = torch.float32 if settings.dtype == "fp32" else None
+    fp32 = settings.dtype == "fp32"
     model = hf_model
     if model is None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=compute or "auto")
-    elif compute is not None:
-        model = model.to(compute)
+        load_as = torch.float32 if fp32 else "auto"
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=load_as)
+    elif fp32:
+        model = model.to(torch.float32)
+    compute: torch.dtype = torch.float32 if fp32 else model.dtype
     rows = verification_rows(tokenizer, settings, min(len(tokenizer), model.config.vocab_size))
     reference = hf_logits(model, rows)
+    reference_fp32 = None
+    if compute != torch.float32 and settings.tolerance is None:
+        reference_fp32 = hf_logits(model.to(torch.float32), rows)  # exact: the same weights, upcast
     del model
     with megatron_parallel(1):
-        mcore, nemo_model = load_nemo_model(nemo_checkpoint, compute)
-        dtype = compute or nemo_model.config.params_dtype
+        mcore, _ = load_nemo_model(nemo_checkpoint, compute, round_to=nemo_round_to if fp32 else None)
         logits = nemo_logits(mcore, rows)
         assert logits is not None  # one process: it is the last pipeline stage
         del mcore
-    return compare_logits(reference, logits, dtype, settings.tolerance)
+    return compare_logits(reference, logits, compute, settings.tolerance, reference_fp32)
 
 
 def compare_nemo_nemo(reference: Path, other: Path, settings: VerifySection) -> Comparison:
     """Logits of two NeMo checkpoints (e.g. a training checkpoint and its plain export), TP = 1.
 
-    Rows are tokenized with ``other``'s tokenizer; one model in memory at a time.
+    Rows are tokenized with ``other``'s tokenizer; one model in memory at a time. With
+    ``settings.dtype=checkpoint`` both run in the reference's dtype (and the reference once more
+    in fp32 for the relative bound when that is bf16/fp16).
     """
     from nemo.lightning import io
 
     tokenizer = io.load_context(str(other), subpath="model").tokenizer
     hf_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    compute = torch.float32 if settings.dtype == "fp32" else None
+    compute: torch.dtype = torch.float32
+    if settings.dtype != "fp32":
+        compute = io.load_context(str(reference), subpath="model.config").params_dtype
+    runs = [(reference, compute), (other, compute)]
+    if compute != torch.float32 and settings.tolerance is None:
+        runs.append((reference, torch.float32))
     results: list[list[torch.Tensor]] = []
-    dtype = torch.float32
-    for path in (reference, other):
+    for path, dtype in runs:
         with megatron_parallel(1):
-            mcore, nemo_model = load_nemo_model(path, compute)
+            mcore, nemo_model = load_nemo_model(path, dtype)
             if not results:
                 vocab = min(len(hf_tokenizer), int(nemo_model.config.vocab_size))
                 rows = verification_rows(hf_tokenizer, settings, vocab)
-            dtype = compute or nemo_model.config.params_dtype
             logits = nemo_logits(mcore, rows)
             assert logits is not None  # one process: it is the last pipeline stage
             results.append(logits)
             del mcore
-    return compare_logits(results[0], results[1], dtype, settings.tolerance)
+    reference_fp32 = results[2] if len(results) > 2 else None
+    return compare_logits(results[0], results[1], compute, settings.tolerance, reference_fp32)
