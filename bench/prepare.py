@@ -7,7 +7,7 @@ sharded store on disk) over tokens/s of the tokenization any SFT script does wit
 on the same records, same tokenizer, same worker count. The baseline produces token lists only (no
 mask, no packing, nothing written beyond the datasets cache). Target >= 1.0.
 
-**score_ratio**: tokens/s of the scoring loop (:func:`~nemo_dcod.score.run.score_rows`: packed rows
+**score_ratio**: tokens/s of the scoring loop (:func:`~nemo_dcod.score.ranks.score_rank`: packed rows
 through the Megatron model forward only, vocab-parallel log-prob of each label and top-k, written
 into the store's columns) over tokens/s of a bare forward pass of the same model on the same rows
 (``model(tokens, position_ids, attention_mask)`` under ``torch.no_grad``, logits discarded).
@@ -207,7 +207,8 @@ def bench_score(work: Path, repeats: int, rows: int) -> float:
     from nemo_dcod.data.store import PackedStore
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
     from nemo_dcod.score.config import ScoreConfig
-    from nemo_dcod.score.run import micro_batches_of, run_score
+    from nemo_dcod.score.ranks import micro_batches_of
+    from nemo_dcod.score.run import run_score
 
     enable_cpu_mode()
     records = make_records(rows * 4, seed=1)  # ~4 documents per 1024-token row

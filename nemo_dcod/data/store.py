@@ -216,13 +216,9 @@ def read_manifest(path: str | Path, *, scoring: bool = False) -> dict[str, Any]:
         )
     marker = Path(path) / SCORING_MARKER
     if not scoring and marker.is_file():
-        try:
-            started = json.loads(marker.read_text()).get("command", "nemo-dcod score")
-        except (OSError, ValueError):
-            started = "nemo-dcod score"
         raise IncompleteStoreError(
-            f"{path}: `{started}` did not finish writing its teacher columns ({marker} is there), so "
-            "shards may disagree: re-run the same command to resume it."
+            f"{path}: `nemo-dcod score` did not finish writing its teacher columns ({marker} is there, "
+            "with that run's config), so shards may disagree: re-run it with the same config to resume."
         )
     return manifest
 

@@ -3,7 +3,7 @@
 Scoring a store with a 70B teacher holds a node for hours; a run that would refuse its inputs
 at start is refused here first, from the login node: the config, the store (its manifest, or the
 store plan the dry runs before it wrote, :mod:`nemo_dcod.data.plan`), and the checkpoint (its
-recorded config and tokenizer: the same checks as the run, :func:`~nemo_dcod.score.run.plan_scoring`,
+recorded config and tokenizer: the same checks as the run, :func:`~nemo_dcod.score.plan.plan_scoring`,
 when the store exists). With ``--store-plan`` it adds the columns it will write to the plan, for
 ``train``'s dry run. The memory estimate models the attention that will run: Transformer
 Engine's fused kernels on THD rows, or the local layers' unfused scores and resident masks.
@@ -82,7 +82,7 @@ def _checkpoint_config(cfg: ScoreConfig, vocab_size: int) -> tuple[Path, Any]:
             match the store's, a layout that does not divide the model.
     """
     from nemo_dcod.data.readers import DataError
-    from nemo_dcod.score.run import plan_scoring, resolve_checkpoint
+    from nemo_dcod.score.plan import plan_scoring, resolve_checkpoint
     from nemo_dcod.train.config import init_checkpoint_config
 
     problems = []

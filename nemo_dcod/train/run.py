@@ -177,6 +177,11 @@ _ARCHITECTURE = (
     "position_embedding_type",
     "rotary_base",
     "rotary_percent",
+    # Llama 3.1+ RoPE scaling (3.2's factor is 32, 3.1's 8): a checkpoint's own, never the class default.
+    "scale_factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "old_context_len",
 )
 
 

@@ -15,7 +15,9 @@ real CLI in a subprocess (Megatron's forward-only schedule over gloo, NeMo's che
   replicas wrote disjoint shards, and the manifest records a reference scoring;
 * a run SIGKILLed after its first shard leaves a store that :class:`PackedStore` refuses; the same
   command resumes it (only the other shards are scored) to a store byte-identical to the
-  uninterrupted one;
+  uninterrupted one; at DP=2, a replica SIGKILLed between two column renames of a shard (a real
+  kill through the production write path's hook, :mod:`faults`) leaves that shard half new, and
+  the relaunch ends byte-identical to an uninterrupted DP=2 run;
 * a store prepared with another tokenizer is refused before any model is built, with a short diff;
 * ``nemo-dcod train`` trains 2 steps at TP=2 from the imported checkpoint (320 rows, not
   ``padded_vocab_size(256, 2) = 256``): its first loss is the one the scored log-probs give.
@@ -173,6 +175,13 @@ def test_tp1_equals_transformers_on_each_document_alone(setup: dict[str, Path], 
     assert padded_picked > 0  # transformers' full-vocabulary top-k picks padded rows; ours never does
 
 
+@pytest.fixture(scope="module")
+def scored_dp2_reference(setup: dict[str, Path]) -> Path:
+    proc, store = _score(setup, "dp2_reference", "trainer.devices=2", "what=reference")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return store
+
+
 @pytest.mark.parametrize(
     ("name", "overrides"),
     [
@@ -212,11 +221,37 @@ def test_layouts_equal_tp1(
         assert {w["data_parallel_size"] for w in writers} == {2}
 
 
-def test_killed_run_resumes_to_the_same_store(setup: dict[str, Path], scored_tp1: Path) -> None:
-    from nemo_dcod.data.store import IncompleteStoreError, PackedStore
-    from nemo_dcod.score.run import KILL_AFTER_ENV
+def _score_with_fault(setup: dict[str, Path], name: str, fault: str, *overrides: str) -> Any:
+    """Score like :func:`_score`, in a subprocess that runs ``run_score`` with the hook ``fault``
+    (a :mod:`faults` expression): the production code path, killed where the hook says."""
+    store = setup["root"] / name
+    if not store.exists():
+        shutil.copytree(setup["store"], store)
+    args = [
+        f"checkpoint={setup['checkpoint']}",
+        f"store={store}",
+        f"topk={TOPK}",
+        "trainer.micro_batch_size=3",
+    ]
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from faults import KillAt\n"
+        "from nemo_dcod.config import load_config\n"
+        "from nemo_dcod.score.config import ScoreConfig\n"
+        "from nemo_dcod.score.run import run_score\n"
+        f"run_score(load_config(ScoreConfig, None, sys.argv[2:]), on_write={fault})\n"
+    )
+    tests = str(Path(__file__).resolve().parents[1])
+    return _run(
+        [sys.executable, "-c", script, tests, *args, *overrides], setup["root"] / f"{name}.log"
+    ), store
 
-    proc, store = _score(setup, "killed", env={**ENV, KILL_AFTER_ENV: "1"})
+
+def test_killed_run_resumes_to_the_same_store(setup: dict[str, Path], scored_tp1: Path) -> None:
+    """SIGKILL after the first shard is written (one process): refused as incomplete, resumed."""
+    from nemo_dcod.data.store import IncompleteStoreError, PackedStore
+
+    proc, store = _score_with_fault(setup, "killed", 'KillAt("shard_written")')
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-3000:])
     assert (store / "scoring.json").is_file() and (store / "shards/shard_00000/score.json").is_file()
     assert not (store / "shards/shard_00001/score.json").exists()
@@ -230,11 +265,29 @@ def test_killed_run_resumes_to_the_same_store(setup: dict[str, Path], scored_tp1
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
+def test_kill_mid_column_write_at_dp2_resumes_to_the_same_store(
+    setup: dict[str, Path], scored_dp2_reference: Path
+) -> None:
+    """Data-parallel replica 1 is SIGKILLed between two column renames of its first shard: that
+    shard holds one new column and no ``score.json``; the relaunch rescores it (and whatever else is
+    missing) to a store byte-identical to an uninterrupted DP=2 run."""
+    dp2 = ["trainer.devices=2", "what=reference"]
+    proc, store = _score_with_fault(setup, "killed_dp2", 'KillAt("column_saved", rank=1)', *dp2)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    # The surviving rank fails (its peer vanished) or sees rank 1's exit code: either way the job stops.
+    assert re.search(r"rank 1 died with exit code -9|rank 0 of 2 failed", proc.stderr), proc.stderr[-3000:]
+    shard = store / "shards" / "shard_00001"  # replica 1's first shard
+    assert not (shard / "score.json").exists() and (store / "scoring.json").is_file()
+    resumed, _ = _score(setup, "killed_dp2", *dp2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _files(store) == _files(scored_dp2_reference)
+
+
 def test_another_tokenizer_and_foreign_columns_are_refused(setup: dict[str, Path], tmp_path: Path) -> None:
     """Checks made before any model is built (in this process: no process group is started)."""
     from nemo_dcod.config import load_config
     from nemo_dcod.score.config import ScoreConfig
-    from nemo_dcod.score.run import ScoreError, plan_scoring
+    from nemo_dcod.score.plan import ScoreError, plan_scoring
 
     tiny = ROOT / "examples" / "tiny"
     other = _prepare(

@@ -243,7 +243,7 @@ def _score_worker(rank: int, world: int, store_path: str, pp: int, thd: bool) ->
     from nemo_dcod.model.families import build_gpt_config
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
     from nemo_dcod.score.core import score_micro_batches
-    from nemo_dcod.score.run import micro_batches_of
+    from nemo_dcod.score.ranks import micro_batches_of
 
     enable_cpu_mode()
     parallel_state.initialize_model_parallel(1, pp, create_gloo_process_groups=False)

@@ -6,7 +6,7 @@ import pytest
 
 from nemo_dcod.config import ConfigError, load_config
 from nemo_dcod.score.config import ScoreConfig
-from nemo_dcod.score.run import vocabulary_diff
+from nemo_dcod.score.plan import vocabulary_diff
 
 
 def test_every_problem_is_reported_at_once() -> None:
