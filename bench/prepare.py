@@ -203,8 +203,8 @@ def bench_score(work: Path, repeats: int, rows: int) -> float:
     import torch
 
     from nemo_dcod.config import load_config
-    from nemo_dcod.convert.verify import load_nemo_model, megatron_parallel, pipeline_forward
     from nemo_dcod.data.store import PackedStore
+    from nemo_dcod.model.loading import load_nemo_model, megatron_parallel, pipeline_forward
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
     from nemo_dcod.score.config import ScoreConfig
     from nemo_dcod.score.ranks import micro_batches_of

@@ -148,19 +148,16 @@ def _alternating_reduction(model: Any, cfg: Any) -> Any:
     Each inner reduction is the model's own ``training_loss_reduction`` built for that loss
     config; the outer one forwards to it and copies what the metrics callback reads.
     """
-    import dataclasses
-
     from nemo.lightning.megatron_parallel import MegatronLossReduction
 
-    from nemo_dcod.config import LossConfig
-
-    configs = {"sft": LossConfig(name="sft"), "discord": dataclasses.replace(cfg.loss, name="discord")}
+    discord = cfg.loss if cfg.loss.get("name") == "discord" else {"name": "discord"}
+    configs = {"sft": {"name": "sft"}, "discord": dict(discord)}
     inner = {}
-    for name, loss_config in configs.items():
-        model.loss_settings = dataclasses.asdict(loss_config)
+    for name, section in configs.items():
+        model.loss_settings = section
         model._training_loss_reduction = None  # the property builds it again from loss_settings
         inner[name] = model.training_loss_reduction
-    model.loss_settings = dataclasses.asdict(cfg.loss)
+    model.loss_settings = dict(cfg.loss)
     step_fn: Callable[[], int] = inner["discord"].step_fn  # the trainer's global step, 0-based
 
     class Alternating(MegatronLossReduction):  # type: ignore[misc]

@@ -28,16 +28,12 @@ _CONVERT_ERRORS = (
     "builtins:FileExistsError",
 )
 
-# Stages that later work items add; until then they say so and exit non-zero.
-PENDING: dict[str, str] = {}
-
-
 # stage -> (help, config schema, stage function, user errors: "module:name" each, imported on use).
 # A user error prints one line and exits 1; a ConfigError exits 2 (see main).
 _STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "demo": (
         "the embedded default: teacher -> prepare -> train SFT and DisCorD (TP=2) -> export -> eval",
-        "nemo_dcod.config:DemoConfig",
+        "nemo_dcod.demo.config:DemoConfig",
         "nemo_dcod.demo:run_demo",
         ("nemo_dcod.demo:DemoError",),
     ),
@@ -153,12 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distribution-corrected offline distillation (DisCorD) for NeMo 2 / Megatron-core.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="stages:\n"
-        + "\n".join(f"  {name:<9} {help_}" for name, (help_, _) in STAGES.items())
-        + "\n"
-        + "\n".join(f"  {name:<9} {help_} (not available yet)" for name, help_ in PENDING.items()),
+        + "\n".join(f"  {name:<9} {help_}" for name, (help_, _) in STAGES.items()),
     )
     parser.add_argument(
-        "stage", choices=[*STAGES, *PENDING], metavar="stage", help="the stage to run (see below)"
+        "stage", choices=list(STAGES), metavar="stage", help="the stage to run (see below)"
     )
     parser.add_argument("--config", help="YAML config (conf/...); default: the stage's built-in defaults")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.tau=2.0 steps=50")
@@ -218,9 +212,6 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    if args.stage in PENDING:
-        print(f"nemo-dcod {args.stage}: not implemented yet ({PENDING[args.stage]}).", file=sys.stderr)
-        return 2
     try:
         overrides = [*flag_overrides(args), *args.overrides]
         return STAGES[args.stage][1](

@@ -43,9 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from nemo_dcod.config import DemoConfig, LossConfig, to_yaml
+from nemo_dcod.config import to_yaml
+from nemo_dcod.demo.config import DemoConfig
 from nemo_dcod.demo.task import STYLES, Problem, TaskVocab, build_tokenizer, sample_problems
 from nemo_dcod.demo.teacher import ProgramTeacher, TeacherTrace
+from nemo_dcod.losses.registry import label_of
 
 __all__ = ["DemoError", "run_demo"]
 
@@ -159,8 +161,10 @@ def _check(stage_cfg: Any, stage: str) -> None:
         raise ConfigError(problems, f"demo's {stage} config")
 
 
-def _train_config(cfg: DemoConfig, run_dir: Path, store: Path, vocab_size: int, loss: LossConfig) -> Any:
-    """A student's :class:`TrainConfig`: the same seed, data and schedule for every loss."""
+def _train_config(
+    cfg: DemoConfig, run_dir: Path, store: Path, vocab_size: int, student: dict[str, Any]
+) -> Any:
+    """A student's :class:`TrainConfig`: the same seed, data and schedule for every student."""
     from nemo_dcod.train.config import (
         DataSection,
         ModelSection,
@@ -206,7 +210,7 @@ def _train_config(cfg: DemoConfig, run_dir: Path, store: Path, vocab_size: int, 
             ckpt_every_n_steps=cfg.steps,
             save_top_k=1,
         ),
-        loss=loss,
+        loss={k: v for k, v in student.items() if k != "label"},
     )
 
 
@@ -257,9 +261,10 @@ def _train_all(
     """Every student, side by side (their start-up, checkpoint writing and shutdown overlap)."""
     running = {}
     try:
-        for loss in cfg.losses:
-            train_cfg = _train_config(cfg, run_dir / loss.name, store, vocab_size, loss)
-            running[loss.name] = (*_launch(train_cfg, loss.name, started), run_dir / loss.name)
+        for student in cfg.students:
+            label = label_of(student)
+            train_cfg = _train_config(cfg, run_dir / label, store, vocab_size, student)
+            running[label] = (*_launch(train_cfg, label, started), run_dir / label)
         return {name: _finish(proc, log, d, name) for name, (proc, log, d) in running.items()}
     finally:
         for proc, _, _ in running.values():

@@ -28,7 +28,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from nemo_dcod.config import DemoConfig, to_yaml
+from nemo_dcod.config import to_yaml
+from nemo_dcod.demo.config import DemoConfig
 
 __all__ = ["TABLE_COLUMNS", "read_metrics", "table_markdown", "write_report"]
 

@@ -1,73 +1,49 @@
 """Losses as pure tensor math: DisCorD and its baselines, all in Megatron's per-token form.
 
-Pick one by name with :func:`build_loss`; every loss is a ``TokenLoss``:
+Every loss is one module that registers a dataclass by name (:mod:`~nemo_dcod.losses.registry`):
+``sft``, ``dft``, ``iw_sft``, ``kl``, ``todi`` and ``discord`` (its Δ variants in
+:mod:`~nemo_dcod.losses.variants`). Build one with :func:`build_loss`; each is a ``TokenLoss``:
 ``loss(LossInputs, LossContext) -> (loss_sum, num_tokens, metrics)``.
+
+Importing this package (and the registry, and a loss module) loads no torch: configs validate and
+``--help`` runs without it. The tensor types and helpers are loaded on first access.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+import importlib
+from typing import Any
 
-from nemo_dcod.losses.baselines import DFTLoss, IWSFTLoss, KLLoss, SFTLoss, ToDiLoss
-from nemo_dcod.losses.diagnostics import derive_metrics, reduce_metrics
-from nemo_dcod.losses.discord import DisCorDLoss
-from nemo_dcod.losses.types import (
-    LossContext,
-    LossInputs,
-    LossOutput,
-    LossRequirements,
-    TokenLoss,
-    WeightStats,
-)
-from nemo_dcod.losses.weights import LambdaSchedule
+from nemo_dcod.losses.registry import LossRequirements, build_loss, loss_class, loss_names, register
 
-LossName = Literal["discord", "sft", "dft", "iw_sft", "kl", "todi"]
-LOSS_NAMES: tuple[str, ...] = get_args(LossName)
-
-_CLASSES: dict[str, Any] = {
-    "discord": DisCorDLoss,
-    "sft": SFTLoss,
-    "dft": DFTLoss,
-    "iw_sft": IWSFTLoss,
-    "kl": KLLoss,
-    "todi": ToDiLoss,
+_LAZY = {
+    "LossContext": "nemo_dcod.losses.types",
+    "LossInputs": "nemo_dcod.losses.types",
+    "LossOutput": "nemo_dcod.losses.types",
+    "TokenLoss": "nemo_dcod.losses.types",
+    "WeightStats": "nemo_dcod.losses.types",
+    "derive_metrics": "nemo_dcod.losses.diagnostics",
+    "reduce_metrics": "nemo_dcod.losses.diagnostics",
 }
 
 
-def build_loss(name: str, **params: Any) -> TokenLoss:
-    """The loss called ``name`` with its hyper-parameters, e.g. ``build_loss("discord", tau=2.0)``.
-
-    Raises:
-        ValueError: unknown name or parameter, naming the valid ones.
-    """
-    if name not in _CLASSES:
-        raise ValueError(f"loss.name={name!r} is not one of {', '.join(LOSS_NAMES)}.")
-    cls = _CLASSES[name]
-    valid = set(cls.__dataclass_fields__)
-    unknown = sorted(set(params) - valid)
-    if unknown:
-        raise ValueError(f"loss {name!r} has no parameter(s) {unknown}; it takes {sorted(valid) or 'none'}.")
-    loss: TokenLoss = cls(**params)
-    return loss
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nemo_dcod.losses' has no attribute {name!r}")
 
 
 __all__ = [
-    "LOSS_NAMES",
-    "DFTLoss",
-    "DisCorDLoss",
-    "IWSFTLoss",
-    "KLLoss",
-    "LambdaSchedule",
     "LossContext",
     "LossInputs",
-    "LossName",
     "LossOutput",
     "LossRequirements",
-    "SFTLoss",
-    "ToDiLoss",
     "TokenLoss",
     "WeightStats",
     "build_loss",
     "derive_metrics",
+    "loss_class",
+    "loss_names",
     "reduce_metrics",
+    "register",
 ]

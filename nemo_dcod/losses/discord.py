@@ -18,90 +18,123 @@ prefixes leans towards the student's own distribution. Weights never carry gradi
 
 Global statistics. ``b`` and ``ḡ`` are means over the *global* batch. They are scalars fixed
 before the backward: pass them in ``LossContext.stats`` (computed by :meth:`DisCorDLoss.weight_stats`
-over all micro-batches of the step, or carried from the previous step), and the gradient is the
-same for any split into data-parallel ranks and micro-batches. Without them the loss reduces its
-own micro-batch's statistics over ``ctx.dp_group``.
+over all micro-batches of the step, or carried from the previous step: the NeMo plug-in's default,
+``stats=previous_step``), and the gradient is the same for any split into data-parallel ranks and
+micro-batches. Without them the loss reduces its own micro-batch's statistics over
+``ctx.dp_group``. Δ's variants live in :mod:`nemo_dcod.losses.variants`.
+
+The module imports no torch until the loss runs (:mod:`nemo_dcod.losses.registry`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-from torch.distributed import ProcessGroup
+from nemo_dcod.losses.registry import LossRequirements, register
+from nemo_dcod.losses.variants import VARIANTS, WHOLE_DOCUMENT_VARIANTS
 
-from nemo_dcod.losses.diagnostics import weight_sums
-from nemo_dcod.losses.divergences import topk_forward_kl
-from nemo_dcod.losses.types import (
-    LossContext,
-    LossInputs,
-    LossOutput,
-    LossRequirements,
-    WeightStats,
-    masked,
-    sanitized,
-    validate_inputs,
-    validate_values,
-)
-from nemo_dcod.losses.weights import (
-    LambdaSchedule,
-    Variant,
-    all_reduce_sum,
-    document_index,
-    log_ratio,
-    per_document_mean,
-    prefix_window_mean,
-)
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.distributed import ProcessGroup
+
+    from nemo_dcod.losses.types import LossContext, LossInputs, LossOutput, WeightStats
 
 __all__ = ["DisCorDLoss"]
 
 
+@register("discord")
 @dataclass(frozen=True)
 class DisCorDLoss:
-    """The DisCorD loss in Megatron's per-token form; see the module docstring for the formula.
+    """The DisCorD loss in Megatron's per-token form; see the module docstring for the formula."""
 
-    Attributes:
-        variant: how Δ is formed: per ``token``, a causal ``prefix`` window, or per ``sequence``.
-        base: the per-token loss the weights multiply: ``ce`` (-lq) or ``kl`` (top-k forward KL).
-        tau: sigmoid temperature τ > 0 (small: sharp, mode-seeking; large: close to SFT).
-        center: use b = global masked mean of Δ instead of b = 0.
-        clip: c > 0, Δ is clipped to [-c, c].
-        window: W, the prefix variant's window in tokens.
-        schedule: λ over training (warm-up with λ = 0, then a linear ramp to λ_max).
-    """
-
-    variant: Variant = "token"
-    base: Literal["ce", "kl"] = "ce"
+    variant: str = "token"
+    """How Δ is formed: token | prefix (a causal window of `window` tokens) | sequence (one per
+    trace), or a registered one (nemo_dcod.losses.variants)."""
+    base: str = "ce"
+    """The per-token loss the weights multiply: ce (-lq) | kl (top-k forward KL; needs score's top-k)."""
     tau: float = 1.0
+    """Sigmoid temperature τ > 0 (small: sharp, mode-seeking; large: close to SFT). FACTS.md's probe
+    found τ = 0.5 unstable at λ = 1."""
     center: bool = False
+    """Centre Δ by its global masked mean (b) instead of b = 0."""
     clip: float = 10.0
+    """Δ's raw log ratio is clipped to [-clip, clip]."""
     window: int = 16
-    schedule: LambdaSchedule = field(default_factory=LambdaSchedule)
+    """prefix variant: the window W in tokens."""
+    lambda_max: float = 1.0
+    """Final λ in [0, 1]; 0 is SFT."""
+    lambda_warmup_fraction: float = 0.0
+    """Fraction of the steps with λ = 0 (a warm-up on plain SFT)."""
+    lambda_ramp_fraction: float = 0.0
+    """Fraction of the steps of the linear ramp to lambda_max after the warm-up."""
+    stats: str = "previous_step"
+    """Where b and ḡ (global means over a batch) come from in training: previous_step (the previous
+    optimizer step's whole global batch, carried in checkpoints; a step's gradient does not depend
+    on how its batch is split, the first step of a run has λ = 0) | micro_batch (each micro-batch's
+    own, reduced over data-parallel ranks)."""
 
     @property
     def requirements(self) -> LossRequirements:
-        return LossRequirements(teacher_logprobs=True, teacher_topk=self.base == "kl")
+        """Teacher log-probs always; the top-k with the kl base; whole documents for windowed or
+        per-document Δ."""
+        return LossRequirements(
+            teacher_logprobs=True,
+            teacher_topk=self.base == "kl",
+            whole_documents=self.variant in WHOLE_DOCUMENT_VARIANTS,
+        )
+
+    def problems(self) -> list[str]:
+        """Every invalid parameter, naming it."""
+        out = []
+        if self.variant not in VARIANTS:
+            out.append(f"variant={self.variant!r}: must be one of {', '.join(VARIANTS)}.")
+        if self.base not in ("ce", "kl"):
+            out.append(f"base={self.base!r}: must be ce or kl.")
+        if self.stats not in ("previous_step", "micro_batch"):
+            out.append(f"stats={self.stats!r}: must be previous_step or micro_batch.")
+        if not self.tau > 0:
+            out.append(f"tau={self.tau}: must be > 0.")
+        if not self.clip > 0:
+            out.append(f"clip={self.clip}: must be > 0.")
+        if self.window < 1:
+            out.append(f"window={self.window}: must be >= 1 token.")
+        if not 0 <= self.lambda_max <= 1:
+            out.append(f"lambda_max={self.lambda_max}: must be in [0, 1].")
+        if not 0 <= self.lambda_warmup_fraction < 1:
+            out.append(f"lambda_warmup_fraction={self.lambda_warmup_fraction}: must be in [0, 1).")
+        if not 0 <= self.lambda_ramp_fraction <= 1:
+            out.append(f"lambda_ramp_fraction={self.lambda_ramp_fraction}: must be in [0, 1].")
+        if self.lambda_warmup_fraction + self.lambda_ramp_fraction > 1:
+            out.append(
+                "lambda_warmup_fraction + lambda_ramp_fraction = "
+                f"{self.lambda_warmup_fraction + self.lambda_ramp_fraction}: must be <= 1."
+            )
+        return out
+
+    def lam(self, step: int, total_steps: int) -> float:
+        """λ at ``step``: 0 during the warm-up, then a linear ramp to ``lambda_max``."""
+        total = max(total_steps, 1)
+        warm = self.lambda_warmup_fraction * total
+        if step < warm:
+            return 0.0
+        ramp = self.lambda_ramp_fraction * total
+        if ramp <= 0:
+            return self.lambda_max
+        return self.lambda_max * min(1.0, (step - warm + 1) / ramp)
 
     def delta(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
         """Δ of the configured variant and whether its raw value was clipped: both ``[B, S]``."""
+        from nemo_dcod.losses.weights import log_ratio
+
         assert inputs.teacher_logprobs is not None
-        mask = inputs.mask
-        raw = log_ratio(inputs.student_logprobs, inputs.teacher_logprobs, mask)
-        if self.variant == "sequence":
-            docs = document_index(inputs.segment_ids, raw.shape, raw.device)
-            raw = per_document_mean(raw, mask, docs)
-            return masked(raw.clamp(-self.clip, self.clip), mask), raw.abs() > self.clip
-        clipped = raw.abs() > self.clip
-        delta = raw.clamp(-self.clip, self.clip)
-        if self.variant == "prefix":
-            docs = document_index(inputs.segment_ids, raw.shape, raw.device)
-            delta = prefix_window_mean(delta, mask, docs, self.window)
-        return masked(delta, mask), clipped
+        raw = log_ratio(inputs.student_logprobs, inputs.teacher_logprobs, inputs.mask)
+        return VARIANTS[self.variant](self, raw, inputs)
 
     def gate(self, delta: Tensor, stats: WeightStats) -> Tensor:
         """g = sigmoid((Δ - b) / τ), ``[B, S]``."""
+        import torch
+
         b = stats.delta_mean if self.center else 0.0
         return torch.sigmoid((delta - b) / self.tau)
 
@@ -111,6 +144,11 @@ class DisCorDLoss:
         One all-reduce for (Σ m Δ, Σ m); a second for Σ m g once b is known. Call it on the step's
         micro-batches (a forward-only pre-pass) for statistics exact over the global batch.
         """
+        import torch
+
+        from nemo_dcod.losses.types import WeightStats, masked
+        from nemo_dcod.losses.weights import all_reduce_sum
+
         deltas = [(self.delta(mb)[0], mb.mask) for mb in micro_batches]
         delta_sum, count = all_reduce_sum(
             [
@@ -130,20 +168,24 @@ class DisCorDLoss:
 
     def __call__(self, inputs: LossInputs, ctx: LossContext) -> LossOutput:
         """``(Σ_t m_t w_t ℓ_t, Σ_t m_t, metrics)`` for one micro-batch."""
-        reqs = self.requirements
-        validate_inputs(inputs, reqs)
-        if ctx.validate:
-            validate_values(inputs, reqs)
-        inputs = sanitized(inputs)
-        mask = inputs.mask
+        import torch
+
+        from nemo_dcod.losses.common import checked
+        from nemo_dcod.losses.diagnostics import weight_sums
+        from nemo_dcod.losses.divergences import topk_forward_kl
+        from nemo_dcod.losses.types import WeightStats, masked
+
+        inputs, mask = checked(inputs, self.requirements, ctx)
         delta, clipped = self.delta(inputs)
-        lam = self.schedule(ctx.step, ctx.total_steps)
+        lam = self.lam(ctx.step, ctx.total_steps)
         if ctx.stats is not None:
             stats = ctx.stats
-        elif ctx.stats_pending:  # carried statistics, none yet: this step is plain SFT (see LossContext)
-            stats, lam = WeightStats(delta_mean=0.0, g_mean=1.0), 0.0
+        elif ctx.stats_pending:  # carried statistics, none yet: plain SFT (see LossContext)
+            stats = WeightStats(delta_mean=0.0, g_mean=1.0)
         else:
             stats = self.weight_stats([inputs], ctx.dp_group)
+        if ctx.stats_pending:
+            lam = 0.0
         g = self.gate(delta, stats)
         g_mean = stats.g_mean if stats.g_mean > 0 else 1.0
         weights = ((1.0 - lam) + lam * g / g_mean).detach()

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from nemo_dcod.losses.registry import LossRequirements
+
 __all__ = ["LossContext", "LossInputs", "LossOutput", "LossRequirements", "TokenLoss", "WeightStats"]
 
 LossOutput = tuple[Tensor, Tensor, dict[str, Tensor]]
@@ -55,14 +57,6 @@ class LossInputs:
     def mask(self) -> Tensor:
         """``[B, S]`` bool loss mask."""
         return self.loss_mask.bool()
-
-
-@dataclass(frozen=True)
-class LossRequirements:
-    """Which stored teacher signals a loss reads (the data and scoring stages provide them)."""
-
-    teacher_logprobs: bool = False
-    teacher_topk: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,12 @@
-"""DisCorD's per-token weights: log support ratio, its variants, the sigmoid gate, the λ schedule.
-
-    Δ_t = clip(stopgrad(lq_t) - lp_t, -c, c)          (token variant)
-    g_t = sigmoid((Δ_t - b) / τ)
-    w_t = (1 - λ) + λ · g_t / ḡ
-
-Variants of Δ (one config field apart):
-
-* ``token``: Δ_t as above.
-* ``prefix``: the mean of the clipped Δ over the causal window of the last ``W`` loss tokens up to
-  and including t, reset at document boundaries: a smoother, lower-variance estimate of how well
-  the student supports the recent part of the trace.
-* ``sequence``: one value per document, ``clip(mean_t (lq_t - lp_t), -c, c)``, broadcast to its
-  tokens (length-normalised, as in iw-SFT, but through the same bounded gate).
+"""Tensor helpers of DisCorD's weights and the baselines: log ratios, documents, windows, sums.
 
 Numerics: everything runs in the student's dtype (>= fp32); Δ is a *difference of per-token* log
 probabilities, never an exponentiated sum over a trace; windowed and per-document sums are
-accumulated in float64 so that long packed rows don't lose precision to cumulative sums.
+accumulated in float64 so that long packed rows don't lose precision to cumulative sums. The
+variants of Δ that use them are in :mod:`nemo_dcod.losses.variants`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -31,41 +16,12 @@ from torch.distributed import ProcessGroup
 from nemo_dcod.losses.types import masked
 
 __all__ = [
-    "LambdaSchedule",
-    "Variant",
     "all_reduce_sum",
     "document_index",
     "log_ratio",
     "per_document_mean",
     "prefix_window_mean",
 ]
-
-Variant = Literal["token", "prefix", "sequence"]
-
-
-@dataclass(frozen=True)
-class LambdaSchedule:
-    """λ(step): 0 for the first ``warmup_fraction`` of steps, then linear to ``lambda_max``.
-
-    Attributes:
-        lambda_max: the final mixing weight in [0, 1] (1: pure DisCorD weights, 0: SFT).
-        warmup_fraction: fraction of steps with λ = 0, in [0, 1).
-        ramp_fraction: fraction of steps of the linear ramp after the warm-up, in [0, 1].
-    """
-
-    lambda_max: float = 1.0
-    warmup_fraction: float = 0.0
-    ramp_fraction: float = 0.0
-
-    def __call__(self, step: int, total_steps: int) -> float:
-        total = max(total_steps, 1)
-        warm = self.warmup_fraction * total
-        if step < warm:
-            return 0.0
-        ramp = self.ramp_fraction * total
-        if ramp <= 0:
-            return self.lambda_max
-        return self.lambda_max * min(1.0, (step - warm + 1) / ramp)
 
 
 def all_reduce_sum(values: list[Tensor], group: ProcessGroup | None) -> list[Tensor]:

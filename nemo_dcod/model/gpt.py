@@ -26,7 +26,7 @@ class DistillGPTModel(llm.GPTModel):
 
     Args:
         config: a ``GPTConfig`` from :func:`~nemo_dcod.model.families.build_gpt_config`.
-        loss: the ``loss`` section of the training config, as a dict of ``LossConfig`` fields.
+        loss: the ``loss`` section of the training config (its name, parameters, chunk_size, validate).
         vocab_size: the tokenizer's real vocabulary size (the output layer may be padded).
         total_steps: the run's optimizer steps (DisCorD's λ schedule).
         stats_key: names the run's carried DisCorD statistics
@@ -55,17 +55,17 @@ class DistillGPTModel(llm.GPTModel):
         self.stats_key = stats_key or f"model-{id(self)}"
 
     def _reduction(self, validation: bool = False) -> DistillLossReduction:
-        from nemo_dcod.config import LossConfig
+        from nemo_dcod.losses.registry import build_from_section
 
-        cfg = LossConfig(**self.loss_settings)
+        loss = build_from_section(self.loss_settings)
         return DistillLossReduction(
-            cfg.build(),
+            loss,
             vocab_size=self.real_vocab_size,
             step_fn=self._global_step,
             total_steps=self.total_steps,
-            chunk_size=cfg.chunk_size,
-            validate=cfg.validate,
-            stats=cfg.stats,
+            chunk_size=self.loss_settings.get("chunk_size"),
+            validate=bool(self.loss_settings.get("validate", True)),
+            stats=getattr(loss, "stats", "previous_step"),
             # Validation weighs with the statistics training carries; it never updates them.
             carried=carried_stats(self.stats_key),
             update_stats=not validation,

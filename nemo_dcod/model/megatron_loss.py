@@ -83,7 +83,7 @@ def make_loss_func(
     """The ``loss_func`` of one micro-batch, for ``forward_step`` to return next to the logits.
 
     Args:
-        loss: DisCorD or a baseline (``build_loss(...)`` or ``LossConfig.build()``).
+        loss: DisCorD or a baseline (``build_loss(...)``).
         batch: this micro-batch on this rank: ``labels`` / ``loss_mask`` ``[B, S]`` and the teacher
             fields the loss reads (``teacher_logprobs`` ``[B, S]``, ``teacher_topk_ids`` /
             ``teacher_topk_logprobs`` ``[B, S, K]``), on the logits' device.

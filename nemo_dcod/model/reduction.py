@@ -71,7 +71,7 @@ class DistillLossReduction(MegatronLossReduction):
     """NeMo loss reduction running a :class:`~nemo_dcod.losses.TokenLoss` on vocab-parallel logits.
 
     Args:
-        loss: DisCorD or a baseline (``LossConfig.build()``).
+        loss: DisCorD or a baseline (:func:`~nemo_dcod.losses.registry.build_loss`).
         vocab_size: the tokenizer's real vocabulary; padded columns of the output layer are excluded.
         step_fn: returns the current optimizer step (drives DisCorD's λ schedule).
         total_steps: the run's number of optimizer steps.

@@ -18,7 +18,7 @@ Positions whose label is not a token of the same document (each document's last 
 padding) hold 0 and id 0: they are never trained (loss mask 0).
 
 :func:`score_micro_batches` runs the forward through Megatron's forward-only schedule
-(:func:`~nemo_dcod.convert.verify.pipeline_forward`), so the same code runs at any TP x PP.
+(:func:`~nemo_dcod.model.loading.pipeline_forward`), so the same code runs at any TP x PP.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def score_micro_batches(
     it with the same micro-batches; the first stage embeds, the last computes the columns.
 
     Args:
-        mcore: the Megatron ``GPTModel`` (e.g. from :func:`~nemo_dcod.convert.verify.load_nemo_model`).
+        mcore: the Megatron ``GPTModel`` (e.g. from :func:`~nemo_dcod.model.loading.load_nemo_model`).
         micro_batches: :func:`~nemo_dcod.data.store.collate_packed` batches (with
             ``attention_mask=True``) on the model's device: ``tokens``, ``labels``,
             ``position_ids``, ``segment_ids`` ``[B, S]`` and ``attention_mask`` ``[B, 1, S, S]``;
@@ -205,7 +205,7 @@ def score_micro_batches(
     """
     from megatron.core import parallel_state
 
-    from nemo_dcod.convert.verify import pipeline_forward
+    from nemo_dcod.model.loading import pipeline_forward
 
     group = parallel_state.get_tensor_model_parallel_group()
     if parallel_state.get_tensor_model_parallel_world_size() == 1:

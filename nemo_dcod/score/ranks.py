@@ -123,7 +123,7 @@ def score_rank(rank: int, world: int, plan: ScorePlan, on_write: WriteHook | Non
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from nemo_dcod.convert.verify import load_nemo_model, megatron_parallel
+    from nemo_dcod.model.loading import load_nemo_model, megatron_parallel
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
 
     del rank, world

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nemo_dcod.config import LossConfig, choice_problems
+from nemo_dcod.config import LOSS_SECTION, choice_problems
+from nemo_dcod.losses.registry import LossRequirements, loss_problems, requirements_of
 from nemo_dcod.model.families import FAMILIES
 
 if TYPE_CHECKING:
@@ -251,7 +252,9 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "discord"}, metadata=LOSS_SECTION)
+    """The loss and its parameters: `{name: discord, tau: 1.0, ...}` (every loss and its parameters:
+    `nemo-dcod train --help`), plus chunk_size and validate."""
 
     @property
     def world_size(self) -> int:
@@ -302,7 +305,7 @@ class TrainConfig:
             ("data", self.data),
         ):
             out.extend(choice_problems(section, prefix))
-        out.extend(self.loss.problems("loss"))
+        out.extend(loss_problems(self.loss, "loss"))
         out.extend(self._size_problems(check_paths, has_gpu, store_plan))
         out.extend(self._layout_problems(has_gpu))
         out.extend(self._hardware_problems(has_gpu))
@@ -347,11 +350,8 @@ class TrainConfig:
             out.extend(self._init_from_problems())
         if self.data.source == "store":
             out.extend(self._store_problems(has_gpu, store_plan) if check_paths else [])
-        elif self.loss.needs_topk() and self.data.topk == 0:
-            out.append(
-                f"loss.name={self.loss.name!r} (base {self.loss.base!r}) reads the teacher top-k: "
-                "set data.topk > 0."
-            )
+        elif self.loss_requirements().teacher_topk and self.data.topk == 0:
+            out.append(f"loss.name={self.loss.get('name')!r} reads the teacher top-k: set data.topk > 0.")
         return out
 
     def vocab_rows(self, init_config: dict[str, Any] | None = None) -> int:
@@ -403,6 +403,13 @@ class TrainConfig:
             except (ValueError, KeyError, TypeError):
                 pass  # reported by _init_from_problems
         return self.model.shape()
+
+    def loss_requirements(self) -> LossRequirements:
+        """What the configured loss reads (nothing, when the loss section itself is invalid: its
+        problems are reported on their own)."""
+        if loss_problems(self.loss, "loss"):
+            return LossRequirements()
+        return requirements_of(self.loss)
 
     def uses_transformer_engine(self, has_gpu: bool) -> bool:
         """Whether the student is built with Transformer Engine layers: model.spec=te, or auto on a
@@ -467,15 +474,16 @@ class TrainConfig:
             out.append(f"data.seq_length={d.seq_length}: {where} has rows of {facts.seq_length} tokens.")
         if facts.vocab_size != d.vocab_size:
             out.append(f"data.vocab_size={d.vocab_size}: the tokenizer of {where} has {facts.vocab_size}.")
-        reads_teacher = self.loss.name not in ("sft", "dft")
-        if reads_teacher and facts.teacher_logprobs is None:
+        needs = self.loss_requirements()
+        name = self.loss.get("name")
+        if needs.teacher_logprobs and facts.teacher_logprobs is None:
             out.append(
-                f"loss.name={self.loss.name!r} reads teacher log-probs, which {where} lacks: "
+                f"loss.name={name!r} reads teacher log-probs, which {where} lacks: "
                 "run `nemo-dcod score`, or train with loss.name=sft."
             )
-        if self.loss.needs_topk() and facts.topk == 0:
+        if needs.teacher_topk and facts.topk == 0:
             out.append(
-                f"loss.name={self.loss.name!r} reads the teacher top-k, which {where} lacks: run "
+                f"loss.name={name!r} reads the teacher top-k, which {where} lacks: run "
                 "`nemo-dcod score` with topk > 0."
             )
         te = self.uses_transformer_engine(has_gpu)
@@ -557,12 +565,11 @@ class TrainConfig:
                 out.append(
                     f"data.seq_length={self.data.seq_length} must be divisible by 2 x context_parallel_size."
                 )
-            if self.loss.name in ("discord", "iw_sft") and (
-                self.loss.name == "iw_sft" or self.loss.variant != "token"
-            ):
+            if self.loss_requirements().whole_documents:
                 out.append(
-                    "parallel.context_parallel_size > 1 splits each sequence over ranks: the DisCorD prefix/"
-                    "sequence variants and iw_sft need whole sequences; use loss.variant=token or CP=1."
+                    f"parallel.context_parallel_size={cp} splits each sequence over ranks: loss "
+                    f"{self.loss.get('name')!r} (variant {self.loss.get('variant', '-')}) needs whole "
+                    "documents on one rank; use a per-token loss (e.g. discord with variant=token) or CP=1."
                 )
         return out
 

@@ -340,7 +340,7 @@ def train_estimate(cfg: Any, gpt_config: Any, attention: str | None, te: bool) -
         # Transformer Engine: flash / cuDNN attention, no [s, s] scores; the local spec: the
         # unfused softmax (and the dense mask, for packed rows).
         fused_attention=te,
-        loss_chunk_rows=cfg.loss.chunk_size,
+        loss_chunk_rows=cfg.loss.get("chunk_size"),
         resident_mask_rows=in_flight * t.micro_batch_size if attention == "dense_mask" else 0,
     )
     return train_memory(Architecture.of(gpt_config), layout)

@@ -15,7 +15,6 @@ the ranks talk over gloo.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import uuid
 from dataclasses import dataclass
@@ -150,7 +149,7 @@ def build_model(cfg: TrainConfig, seq_length: int | None = None) -> Any:
     # and assigning `model.optim` later has no effect (FACTS.md).
     return DistillGPTModel(
         gpt_config,
-        loss=dataclasses.asdict(cfg.loss),
+        loss=dict(cfg.loss),
         vocab_size=cfg.data.vocab_size,
         total_steps=cfg.trainer.max_steps,
         stats_key=uuid.uuid4().hex,  # this launch's carried statistics (see DistillGPTModel)

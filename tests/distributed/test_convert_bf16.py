@@ -264,7 +264,8 @@ def test_bf16_verification_bound_scales_with_the_model(chain: Chain) -> None:
 def _nemo_checks(rank: int, world: int, chain: Chain, rows: list[torch.Tensor]) -> dict[str, Any]:
     """In a forked gloo worker: each trained checkpoint's fp32 logits; a wrong conversion verified."""
     from nemo_dcod.convert.config import VerifySection
-    from nemo_dcod.convert.verify import compare_hf_nemo, load_nemo_model, megatron_parallel, nemo_logits
+    from nemo_dcod.convert.verify import compare_hf_nemo
+    from nemo_dcod.model.loading import load_nemo_model, megatron_parallel, nemo_logits
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
 
     enable_cpu_mode()

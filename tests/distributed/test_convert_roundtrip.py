@@ -103,7 +103,7 @@ def _nemo_logits_tp(
     Runs in forked gloo workers only: once this process has used gloo, a later fork crashes in
     gloo (its transport device outlives the process group and its loop thread is not forked).
     """
-    from nemo_dcod.convert.verify import load_nemo_model, megatron_parallel, nemo_logits
+    from nemo_dcod.model.loading import load_nemo_model, megatron_parallel, nemo_logits
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
 
     enable_cpu_mode()

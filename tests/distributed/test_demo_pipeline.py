@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from nemo_dcod.config import DemoConfig, load_config
+from nemo_dcod.config import load_config
+from nemo_dcod.demo.config import DemoConfig
 from nemo_dcod.demo.report import TABLE_COLUMNS
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from dist_utils import new_subgroups, run_distributed
 
-from nemo_dcod.losses import LambdaSchedule, LossContext, build_loss
+from nemo_dcod.losses import LossContext, build_loss
 from nemo_dcod.parallel.signals import loss_from_logits
 
 pytestmark = pytest.mark.distributed
@@ -28,7 +28,7 @@ LOSSES: list[tuple[str, dict[str, Any]]] = [
     ("discord", {"variant": "token", "tau": 0.7}),
     ("discord", {"variant": "token", "center": True, "clip": 1.0, "base": "kl"}),
     ("discord", {"variant": "prefix", "window": 4, "center": True}),
-    ("discord", {"variant": "sequence", "tau": 2.0, "schedule": LambdaSchedule(0.7, 0.0, 0.5)}),
+    ("discord", {"variant": "sequence", "tau": 2.0, "lambda_max": 0.7, "lambda_ramp_fraction": 0.5}),
     ("iw_sft", {}),
     ("todi", {}),
 ]

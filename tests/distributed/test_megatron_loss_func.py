@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 
-from nemo_dcod.losses import LambdaSchedule, LossContext, build_loss
+from nemo_dcod.losses import LossContext, build_loss
 from nemo_dcod.parallel.signals import loss_from_logits
 
 pytestmark = pytest.mark.distributed
@@ -32,7 +32,7 @@ MICRO_BATCHES, ROWS, SEQ, K = 2, 2, 8, 3  # ROWS: rows of a global micro-batch (
 VOCAB, PADDED_VOCAB, HIDDEN, HEADS, LAYERS = 60, 64, 16, 2, 2
 STEP, TOTAL_STEPS = 3, 10
 LOSSES: list[tuple[str, dict[str, Any]]] = [
-    ("discord", {"variant": "token", "tau": 1.0, "schedule": LambdaSchedule(1.0, 0.0, 0.0)}),
+    ("discord", {"variant": "token", "tau": 1.0, "lambda_max": 1.0}),
     ("kl", {}),
 ]
 
@@ -222,7 +222,7 @@ def _worker(rank: int, world: int, layouts: list[tuple[int, int]]) -> dict[str, 
     try:
         weights = {n: p.detach().clone() for n, p in _build_gpt(1, 1).named_parameters()}
         references = [_reference(name, params) for name, params in LOSSES]
-        sft = _reference("discord", {"schedule": LambdaSchedule(0.0, 0.0, 0.0)})[1]  # λ = 0
+        sft = _reference("discord", {"lambda_max": 0.0})[1]  # λ = 0
     finally:
         parallel_state.destroy_model_parallel()
     return {

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from nemo_dcod.cli import PENDING, main
-from nemo_dcod.config import ConfigError, DemoConfig, LossConfig, load_config
+from nemo_dcod.cli import STAGES, main
+from nemo_dcod.config import ConfigError, load_config
 from nemo_dcod.data.config import PrepareConfig
+from nemo_dcod.demo.config import DemoConfig
 from nemo_dcod.eval.config import EvalConfig
 from nemo_dcod.score.config import ScoreConfig
 from nemo_dcod.train.config import TrainConfig
@@ -53,23 +54,23 @@ def test_unknown_keys_and_bad_values_are_all_reported_at_once(tmp_path: Path) ->
         load_config(
             DemoConfig,
             None,
-            ["modulus=1", "losses=[{name: discord, tau: -1, lambda_max: 2}, {name: gkd}]", "lr=0"],
+            ["modulus=1", "students=[{name: discord, tau: -1, lambda_max: 2}, {name: gkd}]", "lr=0"],
         )
     text = str(err.value)
     assert len(err.value.problems) == 5, text
     for needle in (
         "modulus=1: must be >= 2",
-        "losses[0].tau=-1.0: must be > 0",
-        "losses[0].lambda_max=2.0: must be in [0, 1]",
-        "losses[1].name='gkd': must be one of discord, sft, dft, iw_sft, kl, todi",
+        "students[0].tau=-1.0: must be > 0",
+        "students[0].lambda_max=2.0: must be in [0, 1]",
+        "students[1].name='gkd' is not a loss; known: sft, dft, iw_sft, kl, todi, discord",
         "lr=0.0: must be > 0",
     ):
         assert needle in text
 
 
 def test_overrides_and_types(tmp_path: Path) -> None:
-    cfg = load_config(DemoConfig, None, ["steps=7", "losses=[{name: iw_sft, iw_weight_max: 3}]"])
-    assert cfg.steps == 7 and cfg.losses == [LossConfig(name="iw_sft", iw_weight_max=3.0)]
+    cfg = load_config(DemoConfig, None, ["steps=7", "students=[{name: iw_sft, weight_max: 3}]"])
+    assert cfg.steps == 7 and cfg.students == [{"name": "iw_sft", "weight_max": 3}]
     with pytest.raises(ConfigError, match="steps"):
         load_config(DemoConfig, None, ["steps=many"])
     with pytest.raises(ConfigError, match="expected key=value"):
@@ -78,19 +79,24 @@ def test_overrides_and_types(tmp_path: Path) -> None:
         load_config(DemoConfig, tmp_path / "missing.yaml")
 
 
-def test_loss_config_builds_every_loss() -> None:
-    for name in ("discord", "sft", "dft", "iw_sft", "kl", "todi"):
-        assert callable(LossConfig(name=name).build())
+def test_loss_sections_are_replaced_when_the_loss_changes() -> None:
+    """`loss.name=sft` over a DisCorD section: SFT with its own (no) parameters, not DisCorD's."""
+    cfg = load_config(TrainConfig, ROOT / "conf" / "train_tiny.yaml", ["loss.name=sft"])
+    assert cfg.loss == {"name": "sft"}
+    kept = load_config(TrainConfig, ROOT / "conf" / "train_tiny.yaml", ["loss.tau=2.0"])
+    assert kept.loss["name"] == "discord" and kept.loss["tau"] == 2.0 and "lambda_max" in kept.loss
+    with pytest.raises(ConfigError) as err:  # a parameter of another loss, said so
+        load_config(TrainConfig, None, ["loss={name: sft, tau: 1.0}"])
+    assert "loss.tau: not a parameter of loss 'sft'; it is a parameter of discord" in str(err.value)
 
 
-def test_cli_help_lists_stages_and_pending_stages_fail(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_help_lists_stages(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert all(stage in out for stage in ["demo", "train", *PENDING])
-    assert all(main([stage]) == 2 for stage in PENDING)
-    assert "not implemented yet" in capsys.readouterr().err or not PENDING
+    for stage, (help_, _) in STAGES.items():
+        assert f"  {stage:<9} {help_}" in out, stage
     assert main(["score"]) == 2  # no checkpoint given: a config error, before anything is loaded
     assert "checkpoint: set the NeMo 2 checkpoint" in capsys.readouterr().err
     assert main(["demo", "steps=-1"]) == 2

@@ -54,7 +54,8 @@ def test_a_foreign_run_dir_is_refused_and_a_demo_run_replaced(tmp_path: Path) ->
 
 
 def test_demo_config_reports_every_problem_at_once() -> None:
-    from nemo_dcod.config import ConfigError, DemoConfig, load_config
+    from nemo_dcod.config import ConfigError, load_config
+    from nemo_dcod.demo.config import DemoConfig
 
     with pytest.raises(ConfigError) as exc:
         load_config(
@@ -66,7 +67,7 @@ def test_demo_config_reports_every_problem_at_once() -> None:
                 "seq_length=16",
                 "teacher_noise=0",
                 "exposure_samples=500",
-                "losses=[{name: sft}, {name: sft}]",
+                "students=[{name: sft}, {name: sft}]",
             ],
         )
     text = str(exc.value)
@@ -77,7 +78,7 @@ def test_demo_config_reports_every_problem_at_once() -> None:
         "seq_length=16",
         "teacher_noise=0.0",
         "exposure_samples=500",
-        "names ['sft', 'sft'] repeat",
+        "labels ['sft'] repeat",
     ):
         assert expected in text, expected
     reduced = DemoConfig(reduced=True).resolved()

@@ -9,14 +9,10 @@ import pytest
 import torch
 from references import discord_weights, documents, tail_logprob
 
-from nemo_dcod.losses import (
-    LOSS_NAMES,
-    LambdaSchedule,
-    LossContext,
-    LossInputs,
-    build_loss,
-    reduce_metrics,
-)
+from nemo_dcod.losses import LossContext, LossInputs, build_loss, reduce_metrics
+from nemo_dcod.losses.registry import BUILTIN, loss_problems
+
+LOSS_NAMES = tuple(BUILTIN)
 
 B, S, V, K = 3, 10, 12, 4
 
@@ -132,10 +128,10 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("name", "params"), CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)])
 def test_loss_matches_reference_values_and_gradients(name: str, params: dict[str, Any]) -> None:
-    schedule = LambdaSchedule(lambda_max=0.8, warmup_fraction=0.1, ramp_fraction=0.5)
-    loss = build_loss(name, **(params | ({"schedule": schedule} if name == "discord" else {})))
+    schedule = {"lambda_max": 0.8, "lambda_warmup_fraction": 0.1, "lambda_ramp_fraction": 0.5}
+    loss = build_loss(name, **(params | (schedule if name == "discord" else {})))
     step, total = 4, 10
-    lam = schedule(step, total)
+    lam = build_loss("discord", **schedule).lam(step, total)
     assert lam == pytest.approx(0.8 * 4 / 5)
     inputs, leaf = make_inputs()
     loss_sum, num_tokens, metrics = loss(inputs, LossContext(step=step, total_steps=total))
@@ -154,7 +150,7 @@ def test_discord_at_lambda_zero_is_sft_and_weights_average_to_one() -> None:
     inputs, _ = make_inputs(seed=2)
     ctx = LossContext()
     sft_sum, _, _ = build_loss("sft")(inputs, ctx)
-    off = build_loss("discord", schedule=LambdaSchedule(lambda_max=0.0))(inputs, ctx)
+    off = build_loss("discord", lambda_max=0.0)(inputs, ctx)
     torch.testing.assert_close(off[0], sft_sum)
     on_sum, tokens, metrics = build_loss("discord", tau=0.5)(inputs, ctx)
     full = reduce_metrics([metrics])
@@ -234,7 +230,7 @@ def test_batch_without_loss_tokens_gives_zero_not_nan(name: str) -> None:
     loss_sum, tokens, metrics = build_loss(name)(inputs, LossContext())
     (grad,) = torch.autograd.grad(loss_sum, leaf, allow_unused=True)
     assert float(loss_sum) == 0 and int(tokens) == 0
-    assert grad is None or (torch.all(grad == 0) and torch.isfinite(grad).all())
+    assert grad is not None and torch.all(grad == 0) and torch.isfinite(grad).all()
     assert all(torch.isfinite(v).all() for v in reduce_metrics([metrics]).values())
 
 
@@ -256,17 +252,28 @@ def test_shape_and_missing_signal_errors() -> None:
         build_loss("discord", base="kl")(inputs, LossContext())
 
 
-def test_build_loss_rejects_unknown_names_and_parameters() -> None:
-    with pytest.raises(ValueError, match=r"loss.name='gkd' is not one of discord, sft"):
-        build_loss("gkd")
-    with pytest.raises(ValueError, match=r"loss 'sft' has no parameter\(s\) \['tau'\]"):
-        build_loss("sft", tau=1.0)
+def test_build_loss_refuses_exactly_what_a_config_refuses() -> None:
+    for name, params in (
+        ("gkd", {}),
+        ("sft", {"tau": 1.0}),
+        ("discord", {"tau": 0}),
+        ("todi", {"beta": "x"}),
+    ):
+        with pytest.raises(ValueError) as err:
+            build_loss(name, **params)
+        assert str(err.value) == "; ".join(loss_problems({"name": name, **params}))
+    assert "loss.name='gkd' is not a loss; known: sft, dft" in "; ".join(loss_problems({"name": "gkd"}))
+    assert loss_problems({"name": "sft", "tau": 1.0}) == [
+        "loss.tau: not a parameter of loss 'sft'; it is a parameter of discord. sft takes: no parameters "
+        "(and name, module, label, chunk_size, validate)."
+    ]
+    assert loss_problems({"name": "discord", "tau": 0}) == ["loss.tau=0.0: must be > 0."]
 
 
 def test_lambda_schedule() -> None:
-    sched = LambdaSchedule(lambda_max=0.6, warmup_fraction=0.2, ramp_fraction=0.4)
-    values = [sched(s, 10) for s in range(10)]
+    loss = build_loss("discord", lambda_max=0.6, lambda_warmup_fraction=0.2, lambda_ramp_fraction=0.4)
+    values = [loss.lam(s, 10) for s in range(10)]
     assert values[:2] == [0.0, 0.0]
     assert values[2:6] == pytest.approx([0.15, 0.3, 0.45, 0.6])
     assert values[6:] == [0.6] * 4
-    assert LambdaSchedule(0.5)(0, 10) == 0.5
+    assert build_loss("discord", lambda_max=0.5).lam(0, 10) == 0.5

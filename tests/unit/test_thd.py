@@ -8,7 +8,7 @@ exactly one rank, in megatron-core's balanced chunk order.
 
 from __future__ import annotations
 
-from pathlib import Path
+import itertools
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,7 @@ def test_cu_seqlens_are_the_documents_prepare_recorded(store: PackedStore) -> No
         assert cu == runs, row
         assert "cu_seqlens_padded" not in batch and "attention_mask" not in batch
         assert batch["tokens"].shape == (1, store.seq_length)
-        assert int(batch["max_seqlen"]) == max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+        assert int(batch["max_seqlen"]) == max(b - a for a, b in itertools.pairwise(cu))
 
 
 @pytest.mark.parametrize("cp", [2, 4])
@@ -98,7 +98,7 @@ def test_context_parallel_padding_moves_every_field_with_its_token(store: Packed
 
 def _partition_reference(padded: list[int], cp: int, rank: int) -> list[int]:
     out = []
-    for a, b in zip(padded[:-1], padded[1:], strict=True):
+    for a, b in itertools.pairwise(padded):
         chunk = (b - a) // (2 * cp)
         out += list(range(a + rank * chunk, a + (rank + 1) * chunk))
         out += list(range(a + (2 * cp - 1 - rank) * chunk, a + (2 * cp - rank) * chunk))
