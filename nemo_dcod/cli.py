@@ -148,12 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nemo-dcod",
         description="Distribution-corrected offline distillation (DisCorD) for NeMo 2 / Megatron-core.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="stages:\n"
-        + "\n".join(f"  {name:<9} {help_}" for name, (help_, _) in STAGES.items()),
+        epilog="stages:\n" + "\n".join(f"  {name:<9} {help_}" for name, (help_, _) in STAGES.items()),
     )
-    parser.add_argument(
-        "stage", choices=list(STAGES), metavar="stage", help="the stage to run (see below)"
-    )
+    parser.add_argument("stage", choices=list(STAGES), metavar="stage", help="the stage to run (see below)")
     parser.add_argument("--config", help="YAML config (conf/...); default: the stage's built-in defaults")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.tau=2.0 steps=50")
     parser.add_argument(
@@ -210,7 +207,27 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def stage_help(stage: str) -> str:
+    """``nemo-dcod <stage> --help``: the stage's keys from its schema (no torch or NeMo import)."""
+    from nemo_dcod.help import stage_help as describe
+
+    summary, schema, _, _ = _STAGE_SPECS[stage]
+    text = describe(stage, _resolve(schema), summary)
+    flags = [f"--{n.replace('_', '-')} ({key})" for n, (stages, key) in FLAGS.items() if stage in stages]
+    if flags:
+        text += "\nflags (shorthands for keys): " + ", ".join(flags) + "\n"
+    if stage in DRY_RUNS:
+        text += (
+            "\n--dry-run: apply every check the run applies at start, print the layout and memory estimate.\n"
+        )
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _STAGE_SPECS and any(a in ("-h", "--help") for a in argv[1:]):
+        print(stage_help(argv[0]), end="")
+        return 0
     args = build_parser().parse_intermixed_args(argv)
     try:
         overrides = [*flag_overrides(args), *args.overrides]

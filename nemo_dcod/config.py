@@ -120,8 +120,9 @@ def _replace_renamed_loss_sections(base: Any, layers: list[Any], schema: type) -
     if not dataclasses.is_dataclass(schema):
         return
     for f in dataclasses.fields(schema):
-        if f.metadata.get("loss_section"):
-            name = (OmegaConf.select(base, f.name) or {}).get("name")
+        current = OmegaConf.select(base, f.name)
+        if f.metadata.get("loss_section") and OmegaConf.is_dict(current):  # a list: replaced whole anyway
+            name = current.get("name")
             for layer in layers:
                 section: Any = layer.get(f.name) if OmegaConf.is_dict(layer) else None
                 if not OmegaConf.is_dict(section) or "name" not in section:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemo_dcod.config import choice_problems
+from nemo_dcod.config import LOSS_SECTION, choice_problems
 from nemo_dcod.losses.registry import label_of, loss_problems
 
 __all__ = ["DemoConfig", "student_problems"]
@@ -85,7 +85,8 @@ class DemoConfig:
         default_factory=lambda: [
             {"name": "sft"},
             {"name": "discord", "tau": 1.0, "lambda_warmup_fraction": 0.4, "lambda_ramp_fraction": 0.2},
-        ]
+        ],
+        metadata=LOSS_SECTION,
     )
     """The students, trained side by side from one initialisation: each a loss section (its name
     and parameters) with an optional `label` (default: the loss name; labels must differ), e.g.

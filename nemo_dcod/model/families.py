@@ -16,16 +16,17 @@ thousand parameters per layer for tests and the CPU demo.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import importlib.util
+from pathlib import Path
 from typing import Any
-
-import torch
-
-from nemo_dcod.model.steps import logits_forward_step, trace_data_step
 
 __all__ = [
     "FAMILIES",
     "TINY",
+    "architecture",
     "build_gpt_config",
     "family_config_class",
     "have_transformer_engine",
@@ -98,8 +99,82 @@ def use_local_layers(config: Any) -> Any:
     return config
 
 
+# Where NeMo defines each family's config classes (nemo/collections/llm/gpt/model/<file>).
+_SOURCES = {
+    "llama3.1": "llama.py",
+    "llama3.2": "llama.py",
+    "llama3.3": "llama.py",
+    "qwen2.5": "qwen2.py",
+    "qwen3": "qwen3.py",
+}
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+
+
+@functools.cache
+def _nemo_config_defaults(filename: str) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """class name -> (base names, literal field defaults) of the config dataclasses in one of NeMo's
+    model files, read from its source (importing NeMo takes seconds and loads torch)."""
+    spec = importlib.util.find_spec("nemo")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("nemo-toolkit is not installed: model.family/size name NeMo's configs.")
+    path = Path(next(iter(spec.submodule_search_locations))) / "collections/llm/gpt/model" / filename
+    tree = ast.parse(path.read_text())
+    out: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields: dict[str, Any] = {}
+        for item in node.body:
+            if (
+                isinstance(item, ast.AnnAssign)
+                and isinstance(item.target, ast.Name)
+                and item.value is not None
+            ):
+                try:
+                    fields[item.target.id] = ast.literal_eval(item.value)
+                except ValueError:
+                    continue  # not a literal (a function, a field(...)): not a shape
+        out[node.name] = ([b.id for b in node.bases if isinstance(b, ast.Name)], fields)
+    return out
+
+
+def architecture(family: str, size: str) -> dict[str, int]:
+    """Layers, widths, heads and query groups of a family's size, as NeMo's config class defines
+    them (read from NeMo's source, inheritance resolved; no NeMo or torch import). ``tiny``: the
+    plug-in's :data:`TINY` shape.
+
+    Raises:
+        ValueError: an unknown family or size, or a class whose shape NeMo's source does not give.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"model.family={family!r}: must be one of {', '.join(FAMILIES)}.")
+    if size not in FAMILIES[family]:
+        raise ValueError(f"model.size={size!r}: {family} has sizes {', '.join(FAMILIES[family])}.")
+    if size == "tiny":
+        return {k: TINY[k] for k in _SHAPE_FIELDS}
+    classes = _nemo_config_defaults(_SOURCES[family])
+    resolved: dict[str, Any] = {}
+
+    def collect(name: str) -> None:
+        if name not in classes:
+            return
+        bases, fields = classes[name]
+        for base in reversed(bases):  # the first base wins, as in Python's MRO for these chains
+            collect(base)
+        resolved.update(fields)
+
+    collect(FAMILIES[family][size])
+    resolved.setdefault("num_query_groups", resolved.get("num_attention_heads"))
+    missing = [k for k in _SHAPE_FIELDS if not isinstance(resolved.get(k), int)]
+    if missing:
+        raise ValueError(f"{family}-{size}: NeMo's {FAMILIES[family][size]} gives no {missing}.")
+    return {k: int(resolved[k]) for k in _SHAPE_FIELDS}
+
+
 def have_transformer_engine() -> bool:
     """Transformer Engine importable *and* a GPU present (TE raises on import without CUDA)."""
+    import torch
+
     if not torch.cuda.is_available():
         return False
     try:
@@ -148,7 +223,10 @@ def build_gpt_config(
         overrides: any other ``GPTConfig`` field (e.g. ``num_layers``).
         use_te: Transformer Engine layer spec; ``None``: when TE and a GPU are present.
     """
+    import torch
     from nemo.collections.llm.gpt.model.base import local_layer_spec, transformer_engine_layer_spec
+
+    from nemo_dcod.model.steps import logits_forward_step, trace_data_step
 
     cls = family_config_class(family, size)
     fields = {f.name for f in dataclasses.fields(cls)}

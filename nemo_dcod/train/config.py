@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from nemo_dcod.config import LOSS_SECTION, choice_problems
 from nemo_dcod.losses.registry import LossRequirements, loss_problems, requirements_of
-from nemo_dcod.model.families import FAMILIES
+from nemo_dcod.model.families import FAMILIES, architecture
 
 if TYPE_CHECKING:
     from nemo_dcod.data.plan import StoreFacts
@@ -34,28 +34,6 @@ __all__ = [
 
 # The families and sizes the model plug-in knows (nemo_dcod.model.families imports no NeMo).
 FAMILY_SIZES: dict[str, tuple[str, ...]] = {family: tuple(sizes) for family, sizes in FAMILIES.items()}
-
-# (num_layers, num_attention_heads, num_query_groups) of each named size, for the checks below.
-_SHAPES: dict[str, tuple[int, int, int]] = {
-    "llama3.1-8b": (32, 32, 8),
-    "llama3.1-70b": (80, 64, 8),
-    "llama3.2-1b": (16, 32, 8),
-    "llama3.2-3b": (28, 24, 8),
-    "llama3.3-70b": (80, 64, 8),
-    "qwen2.5-0.5b": (24, 14, 2),
-    "qwen2.5-1.5b": (28, 12, 2),
-    "qwen2.5-7b": (28, 28, 4),
-    "qwen2.5-14b": (48, 40, 8),
-    "qwen2.5-32b": (64, 40, 8),
-    "qwen2.5-72b": (80, 64, 8),
-    "qwen3-0.6b": (28, 16, 8),
-    "qwen3-1.7b": (28, 16, 8),
-    "qwen3-4b": (36, 32, 8),
-    "qwen3-8b": (36, 32, 8),
-    "qwen3-14b": (40, 40, 8),
-    "qwen3-32b": (64, 64, 8),
-}
-_TINY_SHAPE = (4, 4, 2)
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
@@ -111,9 +89,14 @@ class ModelSection:
     """Layer implementation: te (Transformer Engine, GPU), local (megatron-core), auto (te when usable)."""
 
     def shape(self) -> tuple[int, int, int]:
-        """(num_layers, num_attention_heads, num_query_groups) after overrides."""
-        layers, heads, groups = _SHAPES.get(f"{self.family}-{self.size}", _TINY_SHAPE)
-        return (self.num_layers or layers, heads, groups)
+        """(num_layers, num_attention_heads, num_query_groups) after overrides, from NeMo's config
+        class of model.family/size (:func:`~nemo_dcod.model.families.architecture`).
+
+        Raises:
+            ValueError: an unknown family or size.
+        """
+        arch = architecture(self.family, self.size)
+        return (self.num_layers or arch["num_layers"], arch["num_attention_heads"], arch["num_query_groups"])
 
     def overrides(self) -> dict[str, Any]:
         """The non-null overrides as ``GPTConfig`` fields."""
@@ -132,7 +115,7 @@ class ParallelSection:
     virtual_pipeline_model_parallel_size: int | None = None
     """Interleaved schedule: model chunks per pipeline stage (needs PP > 1)."""
     context_parallel_size: int = 1
-    """CP: ranks a sequence is split over (token-level DisCorD variant only)."""
+    """CP: ranks a sequence is split over; needs Transformer Engine layers, and a per-token loss."""
     sequence_parallel: bool = False
     """Split activations along the sequence within the TP group (needs TP > 1)."""
     use_distributed_optimizer: bool | None = None
@@ -253,8 +236,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     loss: dict[str, Any] = field(default_factory=lambda: {"name": "discord"}, metadata=LOSS_SECTION)
-    """The loss and its parameters: `{name: discord, tau: 1.0, ...}` (every loss and its parameters:
-    `nemo-dcod train --help`), plus chunk_size and validate."""
+    """The loss and its parameters: `{name: discord, tau: 1.0, ...}` (the losses and theirs below)."""
 
     @property
     def world_size(self) -> int:
@@ -515,7 +497,10 @@ class TrainConfig:
                 "trainer.micro_batch_size "
                 f"x data-parallel size = {t.micro_batch_size} x {dp}."
             )
-        layers, heads, groups = self.model_shape()
+        try:
+            layers, heads, groups = self.model_shape()
+        except ValueError:  # an unknown family or size: reported by _size_problems
+            return out
         pp = p.pipeline_model_parallel_size
         if pp > layers:
             out.append(

@@ -143,3 +143,43 @@ def test_train_config_errors_all_reported_before_anything_is_built(tmp_path: Pat
     for text in expected:
         assert text in proc.stderr, (text, proc.stderr)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_help_documents_every_key_without_torch_or_nemo(stage: str) -> None:
+    """`nemo-dcod <stage> --help`: every config key (nested ones dotted) with its docstring, fast."""
+    import dataclasses
+    import time
+
+    from nemo_dcod.cli import _STAGE_SPECS, _resolve
+    from nemo_dcod.help import field_docs
+
+    code = (
+        "import sys; from nemo_dcod.cli import main; rc = main(sys.argv[1:]); "
+        "print('HEAVY' if {'torch', 'nemo'} & set(sys.modules) else 'LIGHT'); sys.exit(rc)"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, stage, "--help"], capture_output=True, text=True, timeout=60
+    )
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("LIGHT"), "help imported torch or NeMo"
+    assert elapsed < 5, elapsed  # well under a second of work; the interpreter's start included
+
+    def keys(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+        out, docs = [], field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                out += keys(type(default), f"{prefix}{f.name}.")
+            else:
+                out.append((f"{prefix}{f.name}", docs[f.name]))  # every field has a docstring
+        return out
+
+    for key, doc in keys(_resolve(_STAGE_SPECS[stage][1])):
+        assert f"  {key}: " in proc.stdout, key
+        assert doc.split()[0] in proc.stdout, (key, doc)
+    losses = {"train": "loss.tau: float = 1.0", "demo": "students[i].tau: float = 1.0"}
+    if stage in losses:
+        assert "name: discord" in proc.stdout and losses[stage] in proc.stdout

@@ -143,3 +143,23 @@ def test_dry_run_reports_config_problems(capsys: pytest.CaptureFixture[str], sto
     args.append(f"data.path={store_8b}")
     assert main(args) == 2
     assert "global_batch_size=100 is not divisible" in capsys.readouterr().err
+
+
+def test_family_shapes_read_from_nemo_source_equal_nemo_config_classes() -> None:
+    """The validation reads shapes from NeMo's source (no NeMo import); they are NeMo's classes'."""
+    from nemo_dcod.model.families import FAMILIES, TINY, architecture, family_config_class
+
+    for family, sizes in FAMILIES.items():
+        for size in sizes:
+            shape = architecture(family, size)
+            if size == "tiny":
+                assert shape == {k: TINY[k] for k in shape}
+                continue
+            defaults = {f.name: f.default for f in dataclasses.fields(family_config_class(family, size))}
+            groups = defaults["num_query_groups"] or defaults["num_attention_heads"]
+            assert shape == {
+                **{k: defaults[k] for k in shape if k != "num_query_groups"},
+                "num_query_groups": groups,
+            }
+    with pytest.raises(ValueError, match="llama3.1 has sizes tiny, 8b, 70b"):
+        architecture("llama3.1", "13b")  # an unknown size is an error, not the tiny shape
