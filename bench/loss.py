@@ -215,7 +215,7 @@ def _loss_fn(
         return megatron
 
     from nemo_dcod.losses import LossContext, build_loss
-    from nemo_dcod.parallel.signals import loss_from_logits
+    from nemo_dcod.parallel.loss_inputs import loss_from_logits
     from nemo_dcod.parallel.vocab_parallel import vocab_parallel_target_logprobs
 
     if kind == "target":

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nemo_dcod.losses import LossContext, build_loss
-from nemo_dcod.parallel.signals import loss_from_logits
+from nemo_dcod.parallel.loss_inputs import loss_from_logits
 from nemo_dcod.parallel.vocab_parallel import vocab_parallel_target_logprobs
 
 

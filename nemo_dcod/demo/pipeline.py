@@ -165,11 +165,11 @@ def _train_config(
     cfg: DemoConfig, run_dir: Path, store: Path, vocab_size: int, student: dict[str, Any]
 ) -> Any:
     """A student's :class:`TrainConfig`: the same seed, data and schedule for every student."""
+    from nemo_dcod.parallel.layout import ParallelSection
     from nemo_dcod.train.config import (
         DataSection,
         ModelSection,
         OptimSection,
-        ParallelSection,
         TrainConfig,
         TrainerSection,
     )

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from nemo_dcod.losses import LossContext, TokenLoss, WeightStats
-from nemo_dcod.parallel.signals import TraceBatch, loss_from_logits
+from nemo_dcod.parallel.loss_inputs import TraceBatch, loss_from_logits
 
 __all__ = ["MegatronLossFunc", "make_loss_func", "megatron_metrics"]
 

@@ -32,7 +32,7 @@ from nemo.lightning.megatron_parallel import MegatronLossReduction
 
 from nemo_dcod.losses import LossContext, TokenLoss, reduce_metrics
 from nemo_dcod.losses.types import WeightStats
-from nemo_dcod.parallel.signals import TraceBatch, loss_from_logits
+from nemo_dcod.parallel.loss_inputs import TraceBatch, loss_from_logits
 
 __all__ = ["CarriedStats", "DistillLossReduction", "carried_stats"]
 

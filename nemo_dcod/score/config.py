@@ -9,26 +9,13 @@ store and the checkpoint are checked when the stage runs, with errors that name 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from nemo_dcod.config import choice_problems
+from nemo_dcod.parallel.layout import ParallelSection
 
-__all__ = ["ScoreConfig", "ScoreLaunchSection", "ScoreParallelSection"]
-
-
-@dataclass
-class ScoreParallelSection:
-    """Megatron layout of the scored model (names as in megatron-core's ``TransformerConfig``).
-
-    Any layout works with any checkpoint: distributed checkpointing reshards the stored weights.
-    Data parallelism is what is left: world size / (TP x PP) replicas, each scoring its own shards.
-    """
-
-    tensor_model_parallel_size: int = 1
-    """TP: ranks each layer's weights (and the vocabulary) are split over."""
-    pipeline_model_parallel_size: int = 1
-    """PP: pipeline stages; must divide the model's layer count."""
+__all__ = ["ScoreConfig", "ScoreLaunchSection"]
 
 
 @dataclass
@@ -80,7 +67,10 @@ class ScoreConfig:
     log-probs, or another model or settings); otherwise that is an error."""
     seed: int = 1234
     """Seed of Megatron's RNG tracker (nothing is random in a forward pass without dropout)."""
-    parallel: ScoreParallelSection = field(default_factory=ScoreParallelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    """The scored model's layout: any layout works with any checkpoint (distributed checkpointing
+    reshards the stored weights); data parallelism is what is left, world size / (TP x PP)
+    replicas, each scoring its own shards."""
     trainer: ScoreLaunchSection = field(default_factory=ScoreLaunchSection)
 
     @property
@@ -91,8 +81,7 @@ class ScoreConfig:
     @property
     def data_parallel_size(self) -> int:
         """Replicas of the model, each scoring a disjoint set of shards."""
-        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
-        return max(self.world_size // max(mp, 1), 1)
+        return self.parallel.data_parallel_size(self.world_size)
 
     def problems(self, has_gpu: bool | None = None) -> list[str]:
         """Every problem of this config, each naming the field and how to fix it.
@@ -105,23 +94,15 @@ class ScoreConfig:
             out.append("checkpoint: set the NeMo 2 checkpoint to score with (`nemo-dcod import` makes one).")
         if not self.store:
             out.append("store: set the packed store directory (prepare's out_dir).")
-        p, t = self.parallel, self.trainer
+        t = self.trainer
         sizes = {
-            "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
-            "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
             "trainer.devices": t.devices,
             "trainer.num_nodes": t.num_nodes,
             "trainer.micro_batch_size": t.micro_batch_size,
             "trainer.micro_batches_per_call": t.micro_batches_per_call,
         }
         out.extend(f"{k}={v}: must be >= 1." for k, v in sizes.items() if v < 1)
-        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-        if mp >= 1 and self.world_size >= 1 and self.world_size % mp:
-            out.append(
-                f"trainer.devices x trainer.num_nodes = {self.world_size} is not divisible by TP x PP = {mp} "
-                f"(parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}, "
-                f"pipeline_model_parallel_size={p.pipeline_model_parallel_size}): change them."
-            )
+        out.extend(self.parallel.problems(self.world_size, forward_only=True))
         if self.topk < 0:
             out.append(f"topk={self.topk}: must be >= 0 (0: no top-k).")
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -145,7 +126,3 @@ class ScoreConfig:
     def content_settings(self) -> dict[str, Any]:
         """The settings that change what is written (not where, how fast, or in which layout)."""
         return {"what": self.what, "topk": self.topk, "dtype": self.dtype}
-
-    def summary(self) -> dict[str, Any]:
-        """Every field, as plain values."""
-        return asdict(self)

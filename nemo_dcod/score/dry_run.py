@@ -124,21 +124,8 @@ def _estimate(cfg: ScoreConfig, checkpoint: Path, config: Any, seq_length: int, 
 
     p = cfg.parallel
     arch = Architecture.of(config)
-    divisible = [
-        ("pipeline_model_parallel_size", p.pipeline_model_parallel_size, "layers", arch.num_layers),
-        (
-            "tensor_model_parallel_size",
-            p.tensor_model_parallel_size,
-            "attention heads",
-            arch.num_attention_heads,
-        ),
-        ("tensor_model_parallel_size", p.tensor_model_parallel_size, "query groups", arch.num_query_groups),
-    ]
-    layout_problems = [
-        f"parallel.{name}={size}: must divide the checkpoint's {count} {what}."
-        for name, size, what, count in divisible
-        if count % size
-    ]
+    shape = (arch.num_layers, arch.num_attention_heads, arch.num_query_groups)
+    layout_problems = p.problems(cfg.world_size, shape, forward_only=True)
     if layout_problems:
         raise ConfigError(layout_problems, "dry run")
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "checkpoint" and "bfloat16" in str(config.params_dtype))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from nemo_dcod.config import LOSS_SECTION, choice_problems
 from nemo_dcod.losses.registry import LossRequirements, loss_problems, requirements_of
 from nemo_dcod.model.families import FAMILIES, architecture
+from nemo_dcod.parallel.layout import ParallelSection
 
 if TYPE_CHECKING:
     from nemo_dcod.data.plan import StoreFacts
@@ -102,24 +103,6 @@ class ModelSection:
         """The non-null overrides as ``GPTConfig`` fields."""
         names = ("num_layers", "hidden_size", "ffn_hidden_size")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-
-
-@dataclass
-class ParallelSection:
-    """Megatron parallel layout (names as in megatron-core's ``TransformerConfig``)."""
-
-    tensor_model_parallel_size: int = 1
-    """TP: ranks each layer's weights (and the vocabulary) are split over."""
-    pipeline_model_parallel_size: int = 1
-    """PP: pipeline stages; must divide the layer count."""
-    virtual_pipeline_model_parallel_size: int | None = None
-    """Interleaved schedule: model chunks per pipeline stage (needs PP > 1)."""
-    context_parallel_size: int = 1
-    """CP: ranks a sequence is split over; needs Transformer Engine layers, and a per-token loss."""
-    sequence_parallel: bool = False
-    """Split activations along the sequence within the TP group (needs TP > 1)."""
-    use_distributed_optimizer: bool | None = None
-    """Shard optimizer state over data-parallel ranks; null: on with a GPU, off on CPU (unsupported there)."""
 
 
 @dataclass
@@ -246,8 +229,7 @@ class TrainConfig:
     @property
     def model_parallel_size(self) -> int:
         """TP x PP x CP: the ranks that hold one replica."""
-        p = self.parallel
-        return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        return self.parallel.model_parallel_size
 
     @property
     def use_distributed_optimizer(self) -> bool:
@@ -262,7 +244,7 @@ class TrainConfig:
     @property
     def data_parallel_size(self) -> int:
         """Replicas (world size / model-parallel size)."""
-        return max(self.world_size // max(self.model_parallel_size, 1), 1)
+        return self.parallel.data_parallel_size(self.world_size)
 
     def problems(
         self, has_gpu: bool | None = None, check_paths: bool = True, store_plan: str | None = None
@@ -299,9 +281,6 @@ class TrainConfig:
         if sizes and self.model.size not in sizes:
             out.append(f"model.size={self.model.size!r}: {self.model.family} has sizes {', '.join(sizes)}.")
         positive = {
-            "parallel.tensor_model_parallel_size": self.parallel.tensor_model_parallel_size,
-            "parallel.pipeline_model_parallel_size": self.parallel.pipeline_model_parallel_size,
-            "parallel.context_parallel_size": self.parallel.context_parallel_size,
             "trainer.devices": self.trainer.devices,
             "trainer.num_nodes": self.trainer.num_nodes,
             "trainer.max_steps": self.trainer.max_steps,
@@ -480,16 +459,11 @@ class TrainConfig:
 
     def _layout_problems(self, has_gpu: bool) -> list[str]:
         p, t = self.parallel, self.trainer
-        out = []
-        mp = self.model_parallel_size
-        if mp >= 1 and self.world_size % mp:
-            out.append(
-                f"trainer.devices x trainer.num_nodes = {self.world_size} is not divisible by "
-                f"TP x PP x CP = {mp} "
-                f"(parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}, "
-                f"pipeline_model_parallel_size={p.pipeline_model_parallel_size}, "
-                f"context_parallel_size={p.context_parallel_size}): change devices or the parallel sizes."
-            )
+        try:
+            shape: tuple[int, int, int] | None = self.model_shape()
+        except ValueError:  # an unknown family or size: reported by _size_problems
+            shape = None
+        out = p.problems(self.world_size, shape)
         dp = self.data_parallel_size
         if t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp):
             out.append(
@@ -497,39 +471,7 @@ class TrainConfig:
                 "trainer.micro_batch_size "
                 f"x data-parallel size = {t.micro_batch_size} x {dp}."
             )
-        try:
-            layers, heads, groups = self.model_shape()
-        except ValueError:  # an unknown family or size: reported by _size_problems
-            return out
-        pp = p.pipeline_model_parallel_size
-        if pp > layers:
-            out.append(
-                f"parallel.pipeline_model_parallel_size={pp} > model layers ({layers}): "
-                "at most one stage per layer."
-            )
-        elif pp >= 1 and layers % pp:
-            out.append(
-                f"model layers ({layers}) not divisible by parallel.pipeline_model_parallel_size={pp}."
-            )
-        vpp = p.virtual_pipeline_model_parallel_size
-        if vpp is not None:
-            if pp < 2:
-                out.append(
-                    "parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1."
-                )
-            elif vpp < 1 or (layers // pp) % vpp:
-                out.append(
-                    f"parallel.virtual_pipeline_model_parallel_size={vpp}: must divide the layers per stage "
-                    f"({layers} // {pp})."
-                )
         tp = p.tensor_model_parallel_size
-        if tp >= 1 and (heads % tp or groups % tp):
-            out.append(
-                f"parallel.tensor_model_parallel_size={tp} must divide the attention heads ({heads}) and "
-                f"query groups ({groups}) of {self.model.family}-{self.model.size}."
-            )
-        if p.sequence_parallel and tp < 2:
-            out.append("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1.")
         if p.sequence_parallel and tp >= 1 and self.data.seq_length % tp:
             out.append(
                 f"data.seq_length={self.data.seq_length} must be divisible by "

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dist_utils import new_subgroups, run_distributed
 
 from nemo_dcod.losses import LossContext, build_loss
-from nemo_dcod.parallel.signals import loss_from_logits
+from nemo_dcod.parallel.loss_inputs import loss_from_logits
 
 pytestmark = pytest.mark.distributed
 
@@ -79,7 +79,7 @@ def accumulated_grad(
     per_mb = [rows[i::micro_batches] for i in range(micro_batches)]
     ctx = LossContext(step=3, total_steps=10, dp_group=dp_group)
     if precompute_stats and hasattr(loss, "weight_stats"):
-        from nemo_dcod.parallel.signals import student_loss_inputs
+        from nemo_dcod.parallel.loss_inputs import student_loss_inputs
 
         with torch.no_grad():  # the forward-only pre-pass over the step's micro-batches
             pre = [

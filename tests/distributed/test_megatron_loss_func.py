@@ -24,7 +24,7 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 
 from nemo_dcod.losses import LossContext, build_loss
-from nemo_dcod.parallel.signals import loss_from_logits
+from nemo_dcod.parallel.loss_inputs import loss_from_logits
 
 pytestmark = pytest.mark.distributed
 

@@ -108,7 +108,7 @@ def _worker(rank: int, world: int, tp: int, cp: int, sp: bool, thd: bool) -> dic
     from nemo_dcod.model.families import build_gpt_config
     from nemo_dcod.model.steps import logits_forward_step, trace_data_step
     from nemo_dcod.parallel.cpu_mode import HostTensor, enable_cpu_mode
-    from nemo_dcod.parallel.signals import loss_from_logits
+    from nemo_dcod.parallel.loss_inputs import loss_from_logits
 
     enable_cpu_mode()
     parallel_state.initialize_model_parallel(

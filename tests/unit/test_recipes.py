@@ -161,5 +161,5 @@ def test_family_shapes_read_from_nemo_source_equal_nemo_config_classes() -> None
                 **{k: defaults[k] for k in shape if k != "num_query_groups"},
                 "num_query_groups": groups,
             }
-    with pytest.raises(ValueError, match="llama3.1 has sizes tiny, 8b, 70b"):
+    with pytest.raises(ValueError, match=r"llama3\.1 has sizes tiny, 8b, 70b"):
         architecture("llama3.1", "13b")  # an unknown size is an error, not the tiny shape

@@ -26,7 +26,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "what='teacher_of_teachers': must be one of teacher, reference",
         "topk=-1: must be >= 0",
         "chunk_size=0: must be >= 1",
-        "trainer.devices x trainer.num_nodes = 3 is not divisible by TP x PP = 2",
+        "trainer.devices x trainer.num_nodes = 3 is not divisible by TP x PP x CP = 2",
         "trainer.micro_batch_size=0: must be >= 1",
     ):
         assert needle in text, (needle, text)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemo_dcod.losses import LossContext, LossRequirements, build_loss
-from nemo_dcod.parallel.signals import loss_from_logits, student_loss_inputs
+from nemo_dcod.parallel.loss_inputs import loss_from_logits, student_loss_inputs
 
 B, S, V, K = 2, 5, 11, 3
 
