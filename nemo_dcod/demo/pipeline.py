@@ -339,12 +339,62 @@ def _measure(
 # ------------------------------------------------------------------------------------------------
 
 
+def _task(cfg: DemoConfig, run_dir: Path, started: float) -> dict[str, Any]:
+    """Steps 1-2: the task's vocabulary and tokenizer, the teacher's traces, the held-out problems."""
+    vocab = TaskVocab(cfg.modulus)
+    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer = build_tokenizer(vocab, tokenizer_dir)
+    rng = random.Random(cfg.seed)
+    train_problems = sample_problems(cfg.num_train_problems, cfg.num_ops, cfg.modulus, rng)
+    eval_problems = sample_problems(
+        cfg.num_eval_problems, cfg.num_ops, cfg.modulus, rng, exclude=set(train_problems)
+    )
+    teacher = ProgramTeacher(vocab, cfg.shortcut_prob, cfg.step_error, cfg.shortcut_error, cfg.teacher_noise)
+    sample_rng = np.random.default_rng(cfg.seed)
+    traces = [teacher.sample(p, sample_rng) for p in train_problems]
+    _write_traces(traces, run_dir / "traces.jsonl")
+    _write_benchmark(eval_problems, run_dir / "heldout.jsonl")
+    stats = _teacher_stats(traces)
+    _log(
+        f"teacher: {len(traces)} traces, {stats['correct']} correct; shortcut share after the filter "
+        f"{stats['shortcut_share_after_filter']:.2f}",
+        started,
+    )
+    return {
+        "vocab": vocab,
+        "tokenizer": tokenizer,
+        "tokenizer_dir": tokenizer_dir,
+        "teacher": teacher,
+        "eval_problems": eval_problems,
+        "teacher_stats": stats,
+    }
+
+
+def _export_all(
+    checkpoints: dict[str, Path], run_dir: Path, task: dict[str, Any], started: float
+) -> dict[str, Path]:
+    """Step 5: every student to Hugging Face, verified on task prompts (export's defaults are English)."""
+    prompts = [
+        task["tokenizer"].apply_chat_template(
+            [{"role": "user", "content": p.text}], tokenize=False, add_generation_prompt=True
+        )
+        for p in task["eval_problems"][:2]
+    ]
+    exports: dict[str, Path] = {}
+    for name, checkpoint in checkpoints.items():
+        exports[name] = run_dir / "hf" / name
+        _export(checkpoint, exports[name], task["tokenizer_dir"], prompts)
+        _log(f"export {name}: {exports[name]}", started)
+    return exports
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the whole demo; returns the summary (also written to ``<run_dir>/summary.json``).
 
     Raises:
-        DemoError: a stage failed (the message names it and its log), or run_dir holds something
-            other than an earlier demo run.
+        DemoError: a stage failed (the message names it and its log), run_dir holds something
+            other than an earlier demo run, or the students did not start identical (their
+            losses differ while every one of them trains with λ = 0).
     """
     from nemo_dcod.demo.report import write_report
 
@@ -357,74 +407,25 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "# nemo-dcod demo --config " + str(run_dir / "config.yaml") + "\n" + to_yaml(requested)
     )
     if cfg.reduced:
-        _log(
-            "reduced (CI) sizes: "
-            + ", ".join(
-                f"{k}={getattr(cfg, k)}"
-                for k in ("num_train_problems", "num_eval_problems", "steps", "exposure_samples")
-            ),
-            started,
-        )
-
-    # 1-2. Task, tokenizer, teacher traces, held-out benchmark.
-    vocab = TaskVocab(cfg.modulus)
-    tokenizer_dir = run_dir / "tokenizer"
-    tokenizer = build_tokenizer(vocab, tokenizer_dir)
-    rng = random.Random(cfg.seed)
-    train_problems = sample_problems(cfg.num_train_problems, cfg.num_ops, cfg.modulus, rng)
-    eval_problems = sample_problems(
-        cfg.num_eval_problems, cfg.num_ops, cfg.modulus, rng, exclude=set(train_problems)
-    )
-    teacher = ProgramTeacher(vocab, cfg.shortcut_prob, cfg.step_error, cfg.shortcut_error, cfg.teacher_noise)
-    sample_rng = np.random.default_rng(cfg.seed)
-    traces = [teacher.sample(p, sample_rng) for p in train_problems]
-    traces_path = run_dir / "traces.jsonl"
-    _write_traces(traces, traces_path)
-    benchmark_path = run_dir / "heldout.jsonl"
-    _write_benchmark(eval_problems, benchmark_path)
-    teacher_stats = _teacher_stats(traces)
-    _log(
-        f"teacher: {len(traces)} traces, {teacher_stats['correct']} correct; shortcut share after the filter "
-        f"{teacher_stats['shortcut_share_after_filter']:.2f}",
-        started,
-    )
-
-    # 3. Prepare.
-    store = run_dir / "store"
-    prepare_report = _prepare(cfg, traces_path, tokenizer_dir, store)
+        sizes = ("num_train_problems", "num_eval_problems", "steps", "exposure_samples")
+        _log("reduced (CI) sizes: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in sizes), started)
+    task = _task(cfg, run_dir, started)  # 1-2
+    store = run_dir / "store"  # 3
+    prepare_report = _prepare(cfg, run_dir / "traces.jsonl", task["tokenizer_dir"], store)
     _log(f"prepare: store {store}", started)
-
-    # 4. Train every student from the same initialisation.
-    checkpoints = _train_all(cfg, run_dir, store, len(vocab), started)
-
-    # 5. Export.
-    # Export's logit-parity check runs both sides on task prompts (its default prompts are English).
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p.text}], tokenize=False, add_generation_prompt=True
-        )
-        for p in eval_problems[:2]
-    ]
-    exports: dict[str, Path] = {}
-    for name, checkpoint in checkpoints.items():
-        exports[name] = run_dir / "hf" / name
-        _export(checkpoint, exports[name], tokenizer_dir, prompts)
-        _log(f"export {name}: {exports[name]}", started)
-
-    # 6. Eval.
-    max_new = teacher.max_response_tokens(cfg.num_ops) + 4
-    eval_results = _eval(cfg, exports, benchmark_path, run_dir / "eval", max_new)
+    checkpoints = _train_all(cfg, run_dir, store, len(task["vocab"]), started)  # 4, one initialisation
+    exports = _export_all(checkpoints, run_dir, task, started)  # 5
+    max_new = task["teacher"].max_response_tokens(cfg.num_ops) + 4  # 6
+    eval_results = _eval(cfg, exports, run_dir / "heldout.jsonl", run_dir / "eval", max_new)
     _log(f"eval: {run_dir / 'eval'}", started)
-
-    # 7. Exposure bias.
-    measured = {name: _measure(cfg, path, teacher, eval_problems) for name, path in exports.items()}
+    measured = {  # 7
+        name: _measure(cfg, path, task["teacher"], task["eval_problems"]) for name, path in exports.items()
+    }
     _log("exposure bias and forced-style accuracy measured", started)
-
-    # 8. Report.
-    summary = write_report(
+    summary = write_report(  # 8
         run_dir,
         cfg,
-        teacher_stats=teacher_stats,
+        teacher_stats=task["teacher_stats"],
         prepare_report=prepare_report,
         checkpoints=checkpoints,
         exports=exports,
@@ -432,4 +433,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         measured=measured,
         wall_s=time.perf_counter() - started,
     )
+    same = summary["identical_start"]
+    if not same["identical"]:
+        raise DemoError(
+            f"the students did not start identical: their losses agree over {same['equal_steps']} steps, "
+            f"but all of them trained plain SFT (λ = 0) for {same['expected_equal_steps']} (step 1: "
+            f"{same['step1_losses']}): the comparison is void. See {run_dir / 'summary.json'}."
+        )
     return summary

@@ -107,8 +107,16 @@ def identical_start(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         if not all(math.isclose(r["loss"], first, rel_tol=1e-6) for r in step_records):
             break
         equal += 1
+    # Steps at which every student computes plain SFT (λ = 0, or no λ at all): they must agree.
+    expected = 0
+    for step_records in zip(*runs, strict=False):
+        if any(float(r.get("lambda", 0.0)) != 0.0 for r in step_records):
+            break
+        expected += 1
     return {
         "equal_steps": equal,
+        "expected_equal_steps": expected,
+        "identical": equal >= expected,
         "step1_losses": {name: (rs[0]["loss"] if rs else None) for name, rs in records.items()},
     }
 
@@ -119,6 +127,66 @@ def _weight_histogram(records: list[dict[str, Any]]) -> list[float] | None:
     if not hists:
         return None
     return [float(sum(col)) for col in zip(*hists, strict=True)]
+
+
+def _student_summary(
+    name: str,
+    records: list[dict[str, Any]],
+    bench: dict[str, Any],
+    measured: dict[str, Any],
+    paths: dict[str, str],
+) -> dict[str, Any]:
+    """One student's row of the summary (accuracy, style choice and skill, exposure, weights)."""
+    return {
+        "accuracy_percent": 100.0 * bench["score"],
+        "accuracy_stderr_percent": 100.0 * bench["stderr"],
+        **_styles(bench["records"]),
+        "final_train_loss": records[-1]["loss"] if records else None,
+        "forced_stepwise_percent": 100.0 * measured["forced_style_accuracy"]["stepwise"],
+        "forced_shortcut_percent": 100.0 * measured["forced_style_accuracy"]["shortcut"],
+        "kl_teacher_prefixes": measured["exposure"]["epsilon"],
+        "exposure_r": measured["exposure"]["r"],
+        "exaccerr_percent": measured["exposure"]["exaccerr_percent"],
+        "exposure": measured["exposure"],
+        "weight_hist": _weight_histogram(records),
+        **paths,
+    }
+
+
+def _artifacts(run_dir: Path, checkpoints: dict[str, Path], exports: dict[str, Path]) -> dict[str, Path]:
+    return {
+        "config": run_dir / "config.yaml",
+        "tokenizer": run_dir / "tokenizer",
+        "teacher traces": run_dir / "traces.jsonl",
+        "held-out problems": run_dir / "heldout.jsonl",
+        "store": run_dir / "store",
+        "train logs": run_dir / "logs",
+        **{f"train {name}": run_dir / name for name in checkpoints},
+        **{f"hf export {name}": path for name, path in exports.items()},
+        "eval results": run_dir / "eval" / "results.json",
+        "eval table": run_dir / "eval" / "results.md",
+        "summary": run_dir / "summary.json",
+        "table": run_dir / "summary.md",
+    }
+
+
+def _print_summary(summary: dict[str, Any], table: str, artifacts: dict[str, Path]) -> None:
+    t, same = summary["teacher"], summary["identical_start"]
+    print()
+    print(
+        f"teacher: {t['traces']} traces, shortcut {t['shortcut']['traces']} "
+        f"({t['shortcut']['correct']} correct), stepwise {t['stepwise']['traces']} "
+        f"({t['stepwise']['correct']} correct); kept after the filter: shortcut share "
+        f"{100 * t['shortcut_share_after_filter']:.1f}%"
+    )
+    print(table)
+    print(
+        f"identical start: losses equal over the first {same['equal_steps']} steps of every student "
+        f"({same['expected_equal_steps']} with λ = 0 everywhere; step 1: {same['step1_losses']})"
+    )
+    for label, path in artifacts.items():
+        print(f"  {label:<20} {path}")
+    print(f"demo: done in {summary['wall_s']:.0f} s")
 
 
 def write_report(
@@ -134,32 +202,21 @@ def write_report(
     wall_s: float,
 ) -> dict[str, Any]:
     """Write ``summary.json``, ``summary.md`` and ``demo.png``; print the table and every artifact."""
-    students: dict[str, Any] = {}
-    curves: dict[str, list[tuple[int, float]]] = {}
-    hist_by_student: dict[str, list[float]] = {}
     records_by_student = {name: read_metrics(run_dir / name) for name in checkpoints}
-    for name, records in records_by_student.items():
-        curves[name] = [(r["step"], r["loss"]) for r in records]
-        bench = eval_results["models"][name]["benchmarks"]["heldout"]
-        hist = _weight_histogram(records)
-        if hist is not None:
-            hist_by_student[name] = hist
-        students[name] = {
-            "accuracy_percent": 100.0 * bench["score"],
-            "accuracy_stderr_percent": 100.0 * bench["stderr"],
-            **_styles(bench["records"]),
-            "final_train_loss": records[-1]["loss"] if records else None,
-            "forced_stepwise_percent": 100.0 * measured[name]["forced_style_accuracy"]["stepwise"],
-            "forced_shortcut_percent": 100.0 * measured[name]["forced_style_accuracy"]["shortcut"],
-            "kl_teacher_prefixes": measured[name]["exposure"]["epsilon"],
-            "exposure_r": measured[name]["exposure"]["r"],
-            "exaccerr_percent": measured[name]["exposure"]["exaccerr_percent"],
-            "exposure": measured[name]["exposure"],
-            "weight_hist": hist,
-            "train_dir": str(run_dir / name),
-            "checkpoint": str(checkpoints[name]),
-            "hf_export": str(exports[name]),
-        }
+    students = {
+        name: _student_summary(
+            name,
+            records,
+            eval_results["models"][name]["benchmarks"]["heldout"],
+            measured[name],
+            {
+                "train_dir": str(run_dir / name),
+                "checkpoint": str(checkpoints[name]),
+                "hf_export": str(exports[name]),
+            },
+        )
+        for name, records in records_by_student.items()
+    }
     summary: dict[str, Any] = {
         "config": json.loads(json.dumps(_plain(cfg))),
         "teacher": teacher_stats,
@@ -168,44 +225,17 @@ def write_report(
         "students": students,
         "wall_s": wall_s,
     }
-    artifacts: dict[str, Path] = {
-        "config": run_dir / "config.yaml",
-        "tokenizer": run_dir / "tokenizer",
-        "teacher traces": run_dir / "traces.jsonl",
-        "held-out problems": run_dir / "heldout.jsonl",
-        "store": run_dir / "store",
-        "train logs": run_dir / "logs",
-        **{f"train {name}": run_dir / name for name in checkpoints},
-        **{f"hf export {name}": path for name, path in exports.items()},
-        "eval results": run_dir / "eval" / "results.json",
-        "eval table": run_dir / "eval" / "results.md",
-        "summary": run_dir / "summary.json",
-        "table": run_dir / "summary.md",
-    }
-    plot = _plot(run_dir / "demo.png", students, curves, hist_by_student)
+    artifacts = _artifacts(run_dir, checkpoints, exports)
+    curves = {name: [(r["step"], r["loss"]) for r in records] for name, records in records_by_student.items()}
+    hists = {name: s["weight_hist"] for name, s in students.items() if s["weight_hist"] is not None}
+    plot = _plot(run_dir / "demo.png", students, curves, hists)
     if plot is not None:
         artifacts["plot"] = plot
     summary["artifacts"] = {k: str(v) for k, v in artifacts.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = table_markdown(summary)
     (run_dir / "summary.md").write_text(table)
-    t = teacher_stats
-    same = summary["identical_start"]
-    print()
-    print(
-        f"teacher: {t['traces']} traces, shortcut {t['shortcut']['traces']} "
-        f"({t['shortcut']['correct']} correct), stepwise {t['stepwise']['traces']} "
-        f"({t['stepwise']['correct']} correct); kept after the filter: shortcut share "
-        f"{100 * t['shortcut_share_after_filter']:.1f}%"
-    )
-    print(table)
-    print(
-        f"identical start: losses equal over the first {same['equal_steps']} steps of every student "
-        f"(step 1: {same['step1_losses']})"
-    )
-    for label, path in artifacts.items():
-        print(f"  {label:<20} {path}")
-    print(f"demo: done in {wall_s:.0f} s")
+    _print_summary(summary, table, artifacts)
     return summary
 
 

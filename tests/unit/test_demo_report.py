@@ -33,10 +33,15 @@ def test_table_renders_the_summary_numbers() -> None:
 
 def test_identical_start_counts_leading_equal_losses() -> None:
     a = [{"loss": x} for x in (3.0, 2.5, 2.0, 1.9)]
-    b = [{"loss": x} for x in (3.0, 2.5 * (1 + 1e-9), 2.1, 1.9)]
+    b = [{"loss": x, "lambda": lam} for x, lam in ((3.0, 0.0), (2.5 * (1 + 1e-9), 0.0), (2.1, 0.5), (1.9, 1))]
     out = identical_start({"sft": a, "discord": b})
     assert out["equal_steps"] == 2  # equal to 1e-6, then different at step 3 (step 4's match ignored)
+    assert out["expected_equal_steps"] == 2 and out["identical"]  # λ = 0 for both during two steps
     assert out["step1_losses"] == {"sft": 3.0, "discord": 3.0}
+    # Other initial weights: the losses part while both students still train plain SFT (λ = 0).
+    c = [{"loss": x, "lambda": 0.0} for x in (3.1, 2.5, 2.1, 1.9)]
+    apart = identical_start({"sft": a, "discord": c})
+    assert apart["equal_steps"] == 0 and apart["expected_equal_steps"] == 4 and not apart["identical"]
 
 
 def test_a_foreign_run_dir_is_refused_and_a_demo_run_replaced(tmp_path: Path) -> None:
