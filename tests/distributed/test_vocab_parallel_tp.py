@@ -17,7 +17,7 @@ from references import entropy, full_logprobs, tail_logprob
 
 from nemo_dcod.losses import LossContext, build_loss
 from nemo_dcod.parallel import vocab_parallel_logprobs, vocab_parallel_topk_forward_kl
-from nemo_dcod.parallel.signals import loss_from_logits
+from nemo_dcod.parallel.loss_inputs import loss_from_logits
 
 pytestmark = pytest.mark.distributed
 

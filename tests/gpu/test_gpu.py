@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nemo_dcod.losses import LossContext, build_loss
-from nemo_dcod.parallel.signals import loss_from_logits
+from nemo_dcod.parallel.loss_inputs import loss_from_logits
 from nemo_dcod.parallel.vocab_parallel import vocab_parallel_logprobs
 
 pytestmark = pytest.mark.gpu
