@@ -66,6 +66,9 @@ OVERRIDES = [
     "loss.variant=token",
     "loss.base=ce",
     "loss.lambda_max=1.0",
+    # The plain loss_func reduces DisCorD's statistics per micro-batch: compare like with like (the
+    # plug-in's default carries the previous step's, and its first step has λ = 0).
+    "loss.stats=micro_batch",
     "resume=false",
 ]
 INIT_RUN = ["seed=1234", "optim.lr=0.01"]  # one large step: the checkpoint is far from any random init
@@ -140,6 +143,7 @@ def _step(tp: int, dp: int, ckpt: Path) -> dict[str, Any]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from nemo_dcod.losses.registry import build_from_section
     from nemo_dcod.model.megatron_loss import make_loss_func
     from nemo_dcod.train.config import padded_vocab_size
     from nemo_dcod.train.run import build_model
@@ -162,7 +166,7 @@ def _step(tp: int, dp: int, ckpt: Path) -> dict[str, Any]:
         assert parallel_state.get_data_parallel_world_size() == dp
         rows = cfg.trainer.micro_batch_size // dp  # NeMo's micro-batch (DP=1), split over DP ranks
         micro = _micro_batches(_global_batch(cfg), rows, dp, parallel_state.get_data_parallel_rank())
-        loss = cfg.loss.build()
+        loss = build_from_section(cfg.loss)
 
         def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
             mb = next(data_iterator)
@@ -173,8 +177,8 @@ def _step(tp: int, dp: int, ckpt: Path) -> dict[str, Any]:
                 step=0,
                 total_steps=cfg.trainer.max_steps,
                 vocab_size=cfg.data.vocab_size,
-                chunk_size=cfg.loss.chunk_size,
-                validate=cfg.loss.validate,
+                chunk_size=cfg.loss.get("chunk_size"),
+                validate=cfg.loss.get("validate", True),
             )
 
         logged = get_forward_backward_func()(

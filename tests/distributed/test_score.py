@@ -380,6 +380,6 @@ def test_dry_run_reads_the_checkpoint_and_checks_the_layout(setup: dict[str, Pat
     )
     assert (
         bad.returncode == 2
-        and "pipeline_model_parallel_size=3: must divide the checkpoint's 4 layers" in bad.stderr
+        and "model layers (4) not divisible by parallel.pipeline_model_parallel_size=3" in bad.stderr
     )
     assert _files(setup["store"]) == before

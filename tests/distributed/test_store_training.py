@@ -138,4 +138,7 @@ def test_prepare_then_train_from_the_store(tmp_path: Path) -> None:
     assert all(math.isfinite(r["loss"]) for r in train)
     assert train[-1]["loss"] < train[0]["loss"] - 0.3, [r["loss"] for r in train]
     assert val[-1]["val_loss"] < val[0]["val_loss"]
-    assert train[0]["ess"] < 1.0  # DisCorD weights from the engine's log-probs are in play
+    # DisCorD's weights from the engine's log-probs are in play from step 2: step 1 has no carried
+    # statistics yet and trains with λ = 0 (loss.stats=previous_step, the default).
+    assert train[0]["ess"] == 1.0 and train[0]["lambda"] == 0.0
+    assert train[1]["ess"] < 1.0 and train[1]["lambda"] > 0
