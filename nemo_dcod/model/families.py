@@ -28,6 +28,7 @@ __all__ = [
     "TINY",
     "architecture",
     "build_gpt_config",
+    "config_of_family",
     "family_config_class",
     "have_transformer_engine",
     "use_local_layers",
@@ -169,6 +170,32 @@ def architecture(family: str, size: str) -> dict[str, int]:
     if missing:
         raise ValueError(f"{family}-{size}: NeMo's {FAMILIES[family][size]} gives no {missing}.")
     return {k: int(resolved[k]) for k in _SHAPE_FIELDS}
+
+
+def _ancestors(name: str, classes: dict[str, tuple[list[str], dict[str, Any]]]) -> set[str]:
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo.extend(classes.get(current, ([], {}))[0])
+    return seen
+
+
+def config_of_family(target: str, family: str, size: str) -> bool:
+    """Whether a checkpoint's recorded config class (its ``_target_``, e.g.
+    ``nemo.collections.llm.gpt.model.qwen2.Qwen2Config``) belongs with ``family``/``size``: one of
+    the two classes derives from the other (read from NeMo's source, no import).
+
+    Family-specific behaviour (Llama 3.1's RoPE scaling, Qwen's QKV bias) lives in the class, so a
+    checkpoint of another family trains as something it is not.
+    """
+    classes: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    for filename in sorted(set(_SOURCES.values())):
+        classes.update(_nemo_config_defaults(filename))
+    mine, theirs = FAMILIES[family][size], target.rpartition(".")[2]
+    return mine in _ancestors(theirs, classes) or theirs in _ancestors(mine, classes)
 
 
 def have_transformer_engine() -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 
 from nemo_dcod.data.readers import DataError
 from nemo_dcod.data.store import SCORING_MARKER, PackedStore
+from nemo_dcod.data.vocab import vocabulary_diff
 from nemo_dcod.score.config import ScoreConfig
 
 __all__ = [
@@ -97,27 +98,6 @@ def checkpoint_identity(checkpoint: Path) -> str:
         if file.is_file():
             h.update(name.encode() + b"\0" + file.read_bytes())
     return h.hexdigest()
-
-
-def vocabulary_diff(store_vocab: dict[str, int], model_vocab: dict[str, int], limit: int = 5) -> list[str]:
-    """Short description of how two token -> id maps differ; ``[]`` when they are equal.
-
-    Args:
-        store_vocab, model_vocab: ``tokenizer.get_vocab()`` of each side (added tokens included).
-        limit: ids shown.
-    """
-    store_ids = {i: t for t, i in store_vocab.items()}
-    model_ids = {i: t for t, i in model_vocab.items()}
-    if store_ids == model_ids:
-        return []
-    lines = [f"sizes: {len(store_ids)} tokens (store) vs {len(model_ids)} (model)"]
-    differ = sorted(i for i in store_ids.keys() | model_ids.keys() if store_ids.get(i) != model_ids.get(i))
-    lines.append(f"{len(differ)} id(s) map to different tokens, e.g.:")
-    for i in differ[:limit]:
-        lines.append(
-            f"  id {i}: {store_ids.get(i, '<none>')!r} (store) vs {model_ids.get(i, '<none>')!r} (model)"
-        )
-    return lines
 
 
 def _model_tokenizer(cfg: ScoreConfig, checkpoint: Path) -> tuple[Any, int]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from nemo_dcod.config import LOSS_SECTION, choice_problems
 from nemo_dcod.losses.registry import LossRequirements, loss_problems, requirements_of
-from nemo_dcod.model.families import FAMILIES, architecture
+from nemo_dcod.model.families import FAMILIES, architecture, config_of_family
 from nemo_dcod.parallel.layout import ParallelSection
 
 if TYPE_CHECKING:
@@ -348,7 +348,43 @@ class TrainConfig:
                     f"model.{name}={mine}: {where} has {config[name]}; the checkpoint's architecture is "
                     f"used, drop model.{name}."
                 )
+        target = str(config.get("_target_", ""))
+        known = self.model.family in FAMILIES and self.model.size in FAMILIES[self.model.family]
+        if known and not config_of_family(target, self.model.family, self.model.size):
+            out.append(
+                f"model.init_from={self.model.init_from} holds a {target or 'model of unknown class'}, not a "
+                f"model.family={self.model.family} model ({FAMILIES[self.model.family][self.model.size]}): "
+                "set model.family to the checkpoint's family."
+            )
+        if self.data.source == "store" and self.data.path:
+            out.extend(self._tokenizer_problems(where))
         return out
+
+    def _tokenizer_problems(self, where: str) -> list[str]:
+        """The store's token ids must mean the checkpoint's tokens (same size is not enough)."""
+        import json
+        from pathlib import Path
+
+        from nemo_dcod.data.vocab import checkpoint_tokenizer_dir, tokenizer_vocab, vocabulary_diff
+
+        assert self.model.init_from is not None and self.data.path is not None
+        checkpoint_tokens = checkpoint_tokenizer_dir(self.model.init_from)
+        manifest = Path(self.data.path) / "manifest.json"
+        if checkpoint_tokens is None or not manifest.is_file():
+            return []  # a checkpoint trained from scratch carries none; no store yet: its own checks
+        try:
+            store_tokens = json.loads(manifest.read_text())["tokenizer"]["path"]
+            diff = vocabulary_diff(tokenizer_vocab(store_tokens), tokenizer_vocab(checkpoint_tokens))
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            return [f"data.path={self.data.path}: cannot compare its tokenizer with {where}'s: {exc}"]
+        if not diff:
+            return []
+        return [
+            f"data.path={self.data.path}: the store's tokenizer ({store_tokens}) is not the one of {where} "
+            f"({checkpoint_tokens}): its token ids would mean other tokens.\n    "
+            + "\n    ".join(diff)
+            + "\n  Prepare the store with the checkpoint's tokenizer."
+        ]
 
     def model_shape(self) -> tuple[int, int, int]:
         """(num_layers, num_attention_heads, num_query_groups) of the student: the ``model.init_from``

@@ -185,33 +185,8 @@ _ARCHITECTURE = (
 
 
 def _architecture_of(init_config: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
-    """The ``model.init_from`` checkpoint's architecture fields, as ``GPTConfig`` overrides.
-
-    Raises:
-        ConfigError: the checkpoint's config class is not of model.family (e.g. a Qwen checkpoint
-            for a Llama student: family-specific behaviour such as Llama 3.1's RoPE scaling lives
-            in the class, not in these fields).
-    """
-    import importlib
-
-    from nemo_dcod.model.families import family_config_class
-
-    family_cls = family_config_class(cfg.model.family, cfg.model.size)
-    target = str(init_config.get("_target_", ""))
-    module, _, name = target.rpartition(".")
-    try:
-        stored_cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        stored_cls = None
-    if stored_cls is None or not (issubclass(family_cls, stored_cls) or issubclass(stored_cls, family_cls)):
-        raise ConfigError(
-            [
-                f"model.init_from={cfg.model.init_from} holds a {target or 'model of unknown class'}, not a "
-                f"model.family={cfg.model.family} model ({family_cls.__name__}): set model.family to the "
-                "checkpoint's family."
-            ],
-            "model.init_from",
-        )
+    """The ``model.init_from`` checkpoint's architecture fields, as ``GPTConfig`` overrides (that the
+    checkpoint is of model.family is a config check: ``TrainConfig._init_from_problems``)."""
     return {name: init_config[name] for name in _ARCHITECTURE if name in init_config}
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nemo_dcod.config import ConfigError, load_config
+from nemo_dcod.data.vocab import vocabulary_diff
 from nemo_dcod.score.config import ScoreConfig
-from nemo_dcod.score.plan import vocabulary_diff
 
 
 def test_every_problem_is_reported_at_once() -> None:

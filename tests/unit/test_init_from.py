@@ -1,0 +1,110 @@
+"""`model.init_from` problems, each a config error naming the field, before anything is built.
+
+The checks read what a NeMo 2 checkpoint records (``context/model.yaml``'s model config and
+``context/nemo_tokenizer/tokenizer.json``), so the checkpoint here is those two files, written as
+NeMo writes them (the weights are never read by these checks), next to a store ``prepare`` makes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from trace_fixtures import prepare_store
+
+from nemo_dcod.cli import main
+from nemo_dcod.config import ConfigError, load_config
+from nemo_dcod.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = "nemo.collections.llm.gpt.model.llama.Llama31Config8B"
+
+
+def _checkpoint(root: Path, tokenizer: str, **config: Any) -> Path:
+    """A checkpoint's context: its model config (the tiny Llama 3.1's shape) and its tokenizer."""
+    ckpt = root / "ckpt"
+    (ckpt / "context").mkdir(parents=True)
+    fields = {
+        "_target_": TARGET,
+        "vocab_size": 256,
+        "num_layers": 4,
+        "hidden_size": 64,
+        "ffn_hidden_size": 128,
+    }
+    fields |= {"num_attention_heads": 4, "num_query_groups": 2} | config
+    (ckpt / "context" / "model.yaml").write_text(yaml.safe_dump({"config": fields}))
+    shutil.copytree(tokenizer, ckpt / "context" / "nemo_tokenizer")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return prepare_store(tmp_path_factory.mktemp("store"), 128, 209)
+
+
+def _problems(store: str, ckpt: Path, *overrides: str) -> str:
+    args = [f"data.path={store}", "data.vocab_size=209", f"model.init_from={ckpt}", *overrides]
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, ROOT / "conf" / "train_store_tiny.yaml", args)
+    return str(err.value)
+
+
+def _swapped(tokenizer: str, out: Path) -> str:
+    """The same tokenizer with two ids exchanged: the same size, other meanings."""
+    shutil.copytree(tokenizer, out)
+    data = json.loads((out / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
+    (out / "tokenizer.json").write_text(json.dumps(data))
+    return str(out)
+
+
+def test_a_matching_checkpoint_is_accepted(store: str, tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path, str(Path(store).parent / "tok"))
+    args = [f"data.path={store}", "data.vocab_size=209", f"model.init_from={ckpt}"]
+    assert load_config(TrainConfig, ROOT / "conf" / "train_store_tiny.yaml", args).model.init_from == str(
+        ckpt
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "message"),
+    [
+        ({"vocab_size": 128}, (), "data.vocab_size=209: larger than the 128 embedding rows"),
+        (
+            {"vocab_size": 257},
+            (),
+            "parallel.tensor_model_parallel_size=2 does not divide the 257 vocabulary rows",
+        ),
+        ({}, ("model.num_layers=8",), "model.num_layers=8: model.init_from="),
+        (
+            {"_target_": "nemo.collections.llm.gpt.model.qwen2.Qwen2Config"},
+            (),
+            "holds a nemo.collections.llm.gpt.model.qwen2.Qwen2Config, not a model.family=llama3.1 model",
+        ),
+    ],
+    ids=["vocabulary_too_large", "tp_does_not_divide_rows", "override_contradicts", "another_family"],
+)
+def test_init_from_problems(
+    store: str, tmp_path: Path, config: dict[str, Any], overrides: tuple[str, ...], message: str
+) -> None:
+    ckpt = _checkpoint(tmp_path, str(Path(store).parent / "tok"), **config)
+    assert message in _problems(store, ckpt, *overrides)
+
+
+def test_a_store_of_another_tokenizer_of_the_same_size_is_refused(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = _swapped(str(Path(store).parent / "tok"), tmp_path / "other_tok")
+    ckpt = _checkpoint(tmp_path, other)
+    text = _problems(store, ckpt)
+    assert "the store's tokenizer" in text and "its token ids would mean other tokens" in text
+    assert "2 id(s) map to different tokens" in text and "'w1' (store) vs 'w2' (model)" in text
+    # The dry run refuses it too, before a job is submitted.
+    args = ["train", "--config", "conf/train_store_tiny.yaml", "--dry-run", f"data.path={store}"]
+    assert main([*args, "data.vocab_size=209", f"model.init_from={ckpt}"]) == 2
+    assert "its token ids would mean other tokens" in capsys.readouterr().err
