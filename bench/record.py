@@ -49,7 +49,10 @@ def _machine() -> str:
     except ImportError:
         versions = "torch not installed"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{platform.node()}: {os.cpu_count()} cores ({cpu}){gpu}; Python {platform.python_version()}, {versions}; load average at start {load}"
+    return (
+        f"{platform.node()}: {os.cpu_count()} cores ({cpu}){gpu}; Python {platform.python_version()}, "
+        f"{versions}; load average at start {load}"
+    )
 
 
 def main() -> int:
