@@ -23,6 +23,11 @@ over all micro-batches of the step, or carried from the previous step: the NeMo 
 micro-batches. Without them the loss reduces its own micro-batch's statistics over
 ``ctx.dp_group``. Δ's variants live in :mod:`nemo_dcod.losses.variants`.
 
+Fused path (``fused=true``, the default): Δ, gate, weights and the diagnostics' sums come from one
+pure function of :mod:`nemo_dcod.losses.weights` with λ, b and ḡ as device scalars (compiled on
+GPUs into a few kernels, no host sync; eager on CPU), built from the same helpers as the
+step-by-step path (``fused=false``), which the tests hold it equal to.
+
 The module imports no torch until the loss runs (:mod:`nemo_dcod.losses.registry`).
 """
 
@@ -73,6 +78,10 @@ class DisCorDLoss:
     optimizer step's whole global batch, carried in checkpoints; a step's gradient does not depend
     on how its batch is split, the first step of a run has λ = 0) | micro_batch (each micro-batch's
     own, reduced over data-parallel ranks)."""
+    fused: bool = True
+    """Compute Δ, gate, weights and diagnostics in one pure function with device scalars
+    (torch.compile on GPUs: a few kernels instead of a chain of small ones and host syncs; eager on
+    CPU; DCOD_COMPILE_WEIGHTS=0 never compiles); false: the step-by-step reference path."""
 
     @property
     def requirements(self) -> LossRequirements:
@@ -133,10 +142,9 @@ class DisCorDLoss:
 
     def gate(self, delta: Tensor, stats: WeightStats) -> Tensor:
         """g = sigmoid((Δ - b) / τ), ``[B, S]``."""
-        import torch
+        from nemo_dcod.losses.weights import sigmoid_gate
 
-        b = stats.delta_mean if self.center else 0.0
-        return torch.sigmoid((delta - b) / self.tau)
+        return sigmoid_gate(delta, stats.delta_mean if self.center else 0.0, self.tau)
 
     def weight_stats(self, micro_batches: list[LossInputs], group: ProcessGroup | None) -> WeightStats:
         """b and ḡ over all ``micro_batches`` of this rank and all ranks of ``group``.
@@ -172,10 +180,12 @@ class DisCorDLoss:
 
         from nemo_dcod.losses.common import checked
         from nemo_dcod.losses.diagnostics import weight_sums
-        from nemo_dcod.losses.divergences import topk_forward_kl
         from nemo_dcod.losses.types import WeightStats, masked
+        from nemo_dcod.losses.weights import mix_weights
 
         inputs, mask = checked(inputs, self.requirements, ctx)
+        if self.fused:
+            return self._fused_call(inputs, mask, ctx)
         delta, clipped = self.delta(inputs)
         lam = self.lam(ctx.step, ctx.total_steps)
         if ctx.stats is not None:
@@ -188,17 +198,70 @@ class DisCorDLoss:
             lam = 0.0
         g = self.gate(delta, stats)
         g_mean = stats.g_mean if stats.g_mean > 0 else 1.0
-        weights = ((1.0 - lam) + lam * g / g_mean).detach()
-
-        if self.base == "ce":
-            per_token = -inputs.student_logprobs
-        else:
-            assert inputs.student_topk_logprobs is not None and inputs.student_tail_logprobs is not None
-            assert inputs.teacher_topk_logprobs is not None
-            per_token = topk_forward_kl(
-                inputs.student_topk_logprobs, inputs.student_tail_logprobs, inputs.teacher_topk_logprobs
-            )
-        loss_sum = masked(weights * per_token, mask).sum()
+        weights = mix_weights(g, g_mean, lam).detach()
+        loss_sum = masked(weights * self._per_token(inputs), mask).sum()
         metrics = weight_sums(weights, mask, delta=delta, clipped=clipped, g=g)
         metrics["lambda"] = torch.tensor(lam, dtype=torch.float64)
         return loss_sum, mask.sum(), metrics
+
+    def _per_token(self, inputs: LossInputs) -> Tensor:
+        """ℓ_t of the base loss, ``[B, S]`` (carries the gradient)."""
+        from nemo_dcod.losses.common import topk_terms
+        from nemo_dcod.losses.divergences import topk_forward_kl
+
+        if self.base == "ce":
+            return -inputs.student_logprobs
+        return topk_forward_kl(*topk_terms(inputs))
+
+    def _fused_call(self, inputs: LossInputs, mask: Tensor, ctx: LossContext) -> LossOutput:
+        """The step-by-step path's result from the fused chain (``inputs`` already sanitized)."""
+        import torch
+
+        from nemo_dcod.losses.types import masked
+        from nemo_dcod.losses.weights import fused, token_weight_chain, weight_chain
+
+        assert inputs.teacher_logprobs is not None
+        lq = inputs.student_logprobs.detach()
+        dev, dtype = lq.device, lq.dtype
+        lam = 0.0 if ctx.stats_pending else self.lam(ctx.step, ctx.total_steps)
+
+        def scalar(x: float) -> Tensor:
+            return torch.tensor(x, dtype=dtype, device=dev)
+
+        if ctx.stats is not None or ctx.stats_pending:
+            b, g_bar = (0.0, 1.0) if ctx.stats is None else (ctx.stats.delta_mean, ctx.stats.g_mean)
+            center, g_mean = scalar(b if self.center else 0.0), scalar(g_bar)
+        if self.variant == "token" and (ctx.stats is not None or ctx.stats_pending):
+            # The plug-in's default (carried statistics): one function from the log-probs on.
+            weights, _, _, sums = fused(token_weight_chain, dev)(
+                lq, inputs.teacher_logprobs, mask, scalar(lam), center, g_mean, self.clip, self.tau
+            )
+        else:
+            delta, clipped = self.delta(inputs)
+            if ctx.stats is None and not ctx.stats_pending:
+                center, g_mean = self._device_stats(delta, mask, ctx)
+            weights, _, sums = fused(weight_chain, dev)(
+                delta, clipped, mask, scalar(lam), center, g_mean, self.tau
+            )
+        loss_sum = masked(weights * self._per_token(inputs), mask).sum()
+        keys = ("tokens", "weight_sum", "weight_sq_sum", "delta_sum", "delta_sq_sum", "clipped_count")
+        metrics = dict(zip((*keys, "g_sum", "weight_hist"), sums, strict=True))
+        metrics["lambda"] = torch.tensor(lam, dtype=torch.float64)
+        return loss_sum, mask.sum(), metrics
+
+    def _device_stats(self, delta: Tensor, mask: Tensor, ctx: LossContext) -> tuple[Tensor, Tensor]:
+        """b and ḡ of this micro-batch over ``ctx.dp_group`` as 0-dim device tensors, without a
+        host sync; the values of :meth:`weight_stats` on ``[inputs]``."""
+        import torch
+
+        from nemo_dcod.losses.types import masked
+        from nemo_dcod.losses.weights import all_reduce_sum, fused, gate_sum
+
+        delta_sum, count = all_reduce_sum([masked(delta, mask).sum(), mask.sum()], ctx.dp_group)
+        n = count.clamp_min(1.0)
+        center = (delta_sum / n if self.center else torch.zeros_like(n)).to(delta.dtype)
+        (g_sum,) = all_reduce_sum(
+            [fused(gate_sum, delta.device)(delta, mask, center, self.tau)], ctx.dp_group
+        )
+        g_mean = torch.where(count > 0, g_sum / n, torch.ones_like(g_sum))
+        return center, g_mean.to(delta.dtype)
