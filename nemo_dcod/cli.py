@@ -41,7 +41,7 @@ _STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
         "the student with DisCorD (or a baseline) through the NeMo plug-in",
         "nemo_dcod.train.config:TrainConfig",
         "nemo_dcod.train.run:run_train",
-        (),
+        ("nemo_dcod.data.readers:DataError",),  # the store: incomplete, or a bad value in a row
     ),
     "eval": (
         "math benchmarks (GSM8K, MATH, MATH500, AMC, AIME, OlympiadBench) on a Hugging Face model",

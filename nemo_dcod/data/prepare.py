@@ -11,6 +11,12 @@ config and the tokenizer's fingerprint. Re-running skips every shard whose key m
 redoes the others; a finished store (same keys) is left as is. The manifest is written last,
 atomically: until it exists the store is incomplete and :class:`~nemo_dcod.data.store.PackedStore`
 refuses it.
+
+**Nothing usable is an error.** A run that keeps no document (empty inputs, another format under a
+JSONL name, every record bad or filtered out) writes report.json but no manifest and raises
+:class:`~nemo_dcod.data.readers.DataError` naming the inputs and the skip counts: a store of zero
+rows is never reported as a success. A write that fails (no space left, no permission) is a
+:class:`~nemo_dcod.data.store.StoreWriteError`; the manifest is not written either.
 """
 
 from __future__ import annotations
@@ -50,10 +56,17 @@ from nemo_dcod.data.store import (
     IncompleteStoreError,
     PackedStore,
     pack_documents,
+    write_error,
     write_json_atomic,
     write_shard,
 )
-from nemo_dcod.data.tokenize import Document, TraceTokenizer, load_tokenizer, tokenizer_fingerprint
+from nemo_dcod.data.tokenize import (
+    Document,
+    TraceTokenizer,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    unforeseen,
+)
 
 __all__ = ["run_prepare"]
 
@@ -109,7 +122,11 @@ def _count(e: RecordError, cfg: PrepareConfig, skipped: Counter[str], examples: 
 def build_shard(
     cfg: PrepareConfig, spec: ShardSpec, key: str, tokenizer: TraceTokenizer | None = None
 ) -> dict[str, Any]:
-    """Read, tokenize, pack and write one shard; its info (also saved as its shard.json)."""
+    """Read, tokenize, pack and write one shard; its info (also saved as its shard.json).
+
+    Every record that cannot be used is counted under its reason (with ``on_bad_record=error``, a
+    broken one raises :class:`DataError` instead); nothing a record holds ends the run otherwise.
+    """
     tt = tokenizer if tokenizer is not None else _WORKER["tokenizer"]
     skipped: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
@@ -121,13 +138,17 @@ def build_shard(
             traces.append(parse_record(raw, cfg.fields, location, index, cfg.system_prompt))
         except RecordError as exc:
             _count(exc, cfg, skipped, examples)
+        except Exception as exc:  # whatever a hostile record raises is its skip, not the run's end
+            _count(unforeseen(exc, location), cfg, skipped, examples)
     documents: list[Document] = []
     for item in tt.encode(traces):
         if isinstance(item, RecordError):
             _count(item, cfg, skipped, examples)
         else:
             documents.append(item)
-    packed = pack_documents(documents, cfg.seq_length, pad_token_id(tt.tok), cfg.packing)
+    packed = pack_documents(
+        documents, cfg.seq_length, pad_token_id(tt.tok), cfg.packing, teacher=cfg.fields.has_teacher()
+    )
     info = {
         "key": key,
         "index": spec.index,
@@ -174,31 +195,63 @@ def _prepare_out_dir(out: Path, run_key: str, overwrite: bool) -> dict[str, Any]
 
     Raises:
         DataError: ``out_dir`` holds something that is not a store, or a store from other inputs.
+        StoreWriteError: ``out_dir`` cannot be written (no permission, read-only, full).
     """
     manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("key") == run_key:
+    try:
+        if manifest_path.is_file():
             try:
-                PackedStore(out)
-                report: dict[str, Any] = json.loads((out / "report.json").read_text())
-                return report
-            except (IncompleteStoreError, OSError, json.JSONDecodeError):
-                pass  # damaged: rebuild what is missing
-        elif not overwrite:
+                key = json.loads(manifest_path.read_text()).get("key")
+            except (ValueError, AttributeError):  # damaged (not a JSON object): rebuild it
+                key = None
+            if key == run_key:
+                try:
+                    PackedStore(out)
+                    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+                    return report
+                except (IncompleteStoreError, OSError, json.JSONDecodeError):
+                    pass  # damaged: rebuild what is missing
+            elif key is not None and not overwrite:
+                raise DataError(
+                    f"out_dir={out} holds a complete store made from other inputs or settings: set "
+                    "overwrite=true to replace it, or choose another out_dir."
+                )
+            manifest_path.unlink()  # from here on the store is incomplete until the new manifest lands
+        elif out.is_dir() and any(out.iterdir()) and not (out / "shards").is_dir():
             raise DataError(
-                f"out_dir={out} holds a complete store made from other inputs or settings: set "
-                "overwrite=true to replace it, or choose another out_dir."
+                f"out_dir={out} is a non-empty directory that is not a store: choose another out_dir."
             )
-        manifest_path.unlink()  # from here on the store is incomplete until the new manifest lands
-    elif out.is_dir() and any(out.iterdir()) and not (out / "shards").is_dir():
-        raise DataError(
-            f"out_dir={out} is a non-empty directory that is not a store: choose another out_dir."
-        )
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "shards").glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        for stale in (out / "shards").glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    except OSError as exc:
+        raise write_error(Path(exc.filename) if exc.filename else out, exc) from exc
     return None
+
+
+def _nothing_usable(
+    cfg: PrepareConfig, inputs: list[tuple[str, str]], infos: list[dict[str, Any]], report: dict[str, Any]
+) -> DataError:
+    """The error of a run that kept no document: every input with its counts, the skip reasons."""
+    per_input: dict[str, list[int]] = {path: [0, 0] for path, _ in inputs}
+    for info in infos:
+        counts = per_input[info["input"]["path"]]
+        counts[0] += info["records_read"]
+        counts[1] += info["records_kept"]
+    listed = "; ".join(f"{path} ({read} records, {kept} kept)" for path, (read, kept) in per_input.items())
+    skipped = ", ".join(f"{reason} {n}" for reason, n in report["skipped"].items()) or "none"
+    example = next((locs[0] for locs in report["skip_examples"].values() if locs), None)
+    why = (
+        "the inputs hold no record (empty files?)"
+        if report["records_read"] == 0
+        else "every record was skipped: check the inputs' format and the field mapping (fields.*), "
+        "or the policies that dropped them (answer_filter, overlong)"
+    )
+    return DataError(
+        f"nothing usable: 0 documents kept of {report['records_read']} records read from "
+        f"{listed}; skipped: {skipped}{f' (e.g. {example})' if example else ''}. {why}. "
+        f"{cfg.out_dir} is not a store (no manifest.json; its report.json has the counts)."
+    )
 
 
 def _report(cfg: PrepareConfig, infos: list[dict[str, Any]], reused: int, seconds: float) -> dict[str, Any]:
@@ -248,22 +301,13 @@ def format_report(report: dict[str, Any], out_dir: str) -> str:
     return "\n".join(lines)
 
 
-def run_prepare(cfg: PrepareConfig, quiet: bool = False) -> dict[str, Any]:
-    """Build (or finish) the store in ``cfg.out_dir``; return the report (also in report.json).
-
-    Raises:
-        DataError: unreadable inputs or tokenizer, ``out_dir`` in the way, or a bad record with
-            ``on_bad_record=error`` (the message names the file and line).
-    """
-    start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    inputs = expand_inputs(cfg.inputs, cfg.format)
-    tokenizer = TraceTokenizer(cfg, load_tokenizer(cfg.tokenizer, cfg.chat_template))
-    fingerprint = tokenizer_fingerprint(tokenizer.tok)
-    specs = plan_shards(inputs, cfg.records_per_shard, cfg.hf_split)
+def _shard_keys(
+    cfg: PrepareConfig, inputs: list[tuple[str, str]], specs: list[ShardSpec], fingerprint: str
+) -> list[str]:
+    """Each shard's key: what decides its content (see the module docstring)."""
     settings = cfg.content_settings()
     identity = {path: [os.path.abspath(path), input_identity(path)] for path, _ in inputs}
-    keys = [
+    return [
         _sha(
             {
                 "version": STORE_VERSION,
@@ -275,6 +319,61 @@ def run_prepare(cfg: PrepareConfig, quiet: bool = False) -> dict[str, Any]:
         )
         for s in specs
     ]
+
+
+def _build(
+    cfg: PrepareConfig, todo: list[tuple[ShardSpec, str]], tokenizer: TraceTokenizer
+) -> dict[int, dict[str, Any]]:
+    """Build the shards of ``todo`` (in this process, or in ``cfg.workers`` forked ones): their infos."""
+    infos: dict[int, dict[str, Any]] = {}
+    if cfg.workers == 1 or len(todo) <= 1:
+        for spec, key in todo:
+            infos[spec.index] = build_shard(cfg, spec, key, tokenizer)
+        return infos
+    _WORKER["tokenizer"] = tokenizer  # inherited by forked workers
+    try:
+        with ProcessPoolExecutor(
+            max_workers=min(cfg.workers, len(todo)),
+            mp_context=_pool_context(),
+            initializer=_init_worker,
+            initargs=(cfg,),
+        ) as pool:
+            futures = [pool.submit(build_shard, cfg, spec, key) for spec, key in todo]
+            try:
+                for (spec, _), future in zip(todo, futures, strict=True):
+                    infos[spec.index] = future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # shards not started are not begun
+                raise
+    finally:
+        _WORKER.pop("tokenizer", None)
+    return infos
+
+
+def run_prepare(cfg: PrepareConfig, quiet: bool = False) -> dict[str, Any]:
+    """Build (or finish) the store in ``cfg.out_dir``; return the report (also in report.json).
+
+    Raises:
+        DataError: unreadable inputs or tokenizer, ``out_dir`` in the way, a bad record with
+            ``on_bad_record=error`` (the message names the file and line), no document kept
+            (nothing usable: no manifest is written), or a failed write
+            (:class:`~nemo_dcod.data.store.StoreWriteError`: no space, no permission).
+    """
+    try:
+        return _run_prepare(cfg, quiet)
+    except OSError as exc:  # reading an input (a write failure is already a StoreWriteError)
+        where = exc.filename or cfg.out_dir
+        raise DataError(f"{where}: {exc.strerror or exc}: check the file and re-run.") from exc
+
+
+def _run_prepare(cfg: PrepareConfig, quiet: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    inputs = expand_inputs(cfg.inputs, cfg.format)
+    tokenizer = TraceTokenizer(cfg, load_tokenizer(cfg.tokenizer, cfg.chat_template))
+    fingerprint = tokenizer_fingerprint(tokenizer.tok)
+    specs = plan_shards(inputs, cfg.records_per_shard, cfg.hf_split)
+    keys = _shard_keys(cfg, inputs, specs, fingerprint)
     run_key = _sha(keys)
     done = _prepare_out_dir(out, run_key, cfg.overwrite)
     if done is not None:
@@ -290,34 +389,19 @@ def run_prepare(cfg: PrepareConfig, quiet: bool = False) -> dict[str, Any]:
         else:
             infos[spec.index] = info
     reused = len(infos)
-    if cfg.workers == 1 or len(todo) <= 1:
-        for spec, key in todo:
-            infos[spec.index] = build_shard(cfg, spec, key, tokenizer)
-    else:
-        _WORKER["tokenizer"] = tokenizer  # inherited by forked workers
-        try:
-            with ProcessPoolExecutor(
-                max_workers=min(cfg.workers, len(todo)),
-                mp_context=_pool_context(),
-                initializer=_init_worker,
-                initargs=(cfg,),
-            ) as pool:
-                futures = [pool.submit(build_shard, cfg, spec, key) for spec, key in todo]
-                try:
-                    for (spec, _), future in zip(todo, futures, strict=True):
-                        infos[spec.index] = future.result()
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)  # shards not started are not begun
-                    raise
-        finally:
-            _WORKER.pop("tokenizer", None)
+    infos.update(_build(cfg, todo, tokenizer))
     planned = {_shard_name(s.index) for s in specs}
-    for extra in (out / "shards").iterdir():
-        if extra.name not in planned:
-            shutil.rmtree(extra)  # shards of an earlier plan (more inputs, smaller shards)
+    try:
+        for extra in (out / "shards").iterdir():
+            if extra.name not in planned:
+                shutil.rmtree(extra)  # shards of an earlier plan (more inputs, smaller shards)
+    except OSError as exc:
+        raise write_error(out / "shards", exc) from exc
     ordered = [infos[s.index] for s in specs]
     report = _report(cfg, ordered, reused, time.perf_counter() - start)
     write_json_atomic(out / "report.json", report)
+    if report["documents"] == 0:
+        raise _nothing_usable(cfg, inputs, ordered, report)
     write_json_atomic(out / "manifest.json", _manifest(cfg, tokenizer, fingerprint, run_key, ordered, report))
     if not quiet:
         print(format_report(report, cfg.out_dir), file=sys.stdout)

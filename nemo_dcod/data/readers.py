@@ -10,7 +10,14 @@ Reading is split in two so that several processes can share the work determinist
 
 Every problem with a record is a :class:`RecordError` carrying a stable *reason* (the key it is
 counted under in the report: ``malformed_json``, ``not_utf8``, ``missing_field``, ...) and the
-record's location (``file:line`` for JSONL, ``path[row N]`` otherwise).
+record's location (``file:line`` for JSONL, ``path[row N]`` otherwise). Whatever the parser raises
+on a hostile line (``RecursionError`` on deep nesting, ``ValueError`` on an integer of thousands of
+digits) is that line's ``malformed_json``; an exception no check foresaw is ``unparseable_record``
+(counted by ``prepare``, see :func:`nemo_dcod.data.prepare.build_shard`). File-level markers are
+not records: a UTF-8 byte-order mark at the start of a line (the file's, or that of a file
+``cat`` joined on) is dropped, CRLF line ends are whitespace; a file under a JSONL name whose
+first bytes say it is something else (Parquet, gzip, zip, zstd, UTF-16/32) is a
+:class:`DataError` naming what it is.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ BAD_RECORD_REASONS = (
     "logprob_length_mismatch",
     "teacher_tokens_mismatch",
     "template_error",
+    "unparseable_record",
 )
 """Reasons that mean the record itself is broken: ``on_bad_record=error`` stops on them. The others
 (``too_long``, ``no_trainable_tokens``, the answer filter's) are policy and are always counted."""
@@ -60,7 +68,20 @@ BAD_RECORD_REASONS = (
 # Stored log-probs are rounded by engines; anything above this is not a log-probability
 # (the same tolerance as the loss's input check).
 POSITIVE_LOGPROB_TOLERANCE = 1e-4
+_FLOAT32_MAX = 3.4028234663852886e38  # the store holds log-probs as float32; beyond this is -inf
+_INT32_MAX = 2**31 - 1  # the store holds token ids as int32
 _BLOCK = 1 << 24
+_UTF8_BOM = b"\xef\xbb\xbf"
+# First bytes of files that are not JSON Lines -> (what the file is, how to fix it).
+_NOT_JSONL = (
+    (b"PAR1", "a Parquet file", "set format=parquet (or rename it to .parquet)"),
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
+    (b"PK\x03\x04", "a zip archive", "unpack it first"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (zstd -d)"),
+    (b"\xff\xfe", "UTF-16/32 (little-endian) text", "re-encode it as UTF-8 (iconv -t UTF-8)"),
+    (b"\xfe\xff", "UTF-16 (big-endian) text", "re-encode it as UTF-8 (iconv -t UTF-8)"),
+    (b"\x00\x00\xfe\xff", "UTF-32 (big-endian) text", "re-encode it as UTF-8 (iconv -t UTF-8)"),
+)
 
 
 class DataError(ValueError):
@@ -194,6 +215,7 @@ def plan_shards(inputs: list[tuple[str, str]], records_per_shard: int, split: st
     specs: list[ShardSpec] = []
     for path, fmt in inputs:
         if fmt == "jsonl":
+            _check_jsonl_magic(path)
             starts, lines = _line_starts(path, records_per_shard)
             size = os.path.getsize(path)
             for i, (line, offset) in enumerate(starts):
@@ -212,6 +234,19 @@ def plan_shards(inputs: list[tuple[str, str]], records_per_shard: int, split: st
             stop = min(start + records_per_shard, rows)
             specs.append(ShardSpec(len(specs), path, fmt, start, stop, split=split))
     return specs
+
+
+def _check_jsonl_magic(path: str) -> None:
+    """Refuse a file under a JSONL name (or format=jsonl) that is another format by its first bytes.
+
+    Raises:
+        DataError: naming what the file is and how to fix it.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for magic, what, fix in _NOT_JSONL:
+        if head.startswith(magic):
+            raise DataError(f"{path}: {what} (its first bytes are {head!r}), not JSON Lines: {fix}.")
 
 
 def _line_starts(path: str, every: int) -> tuple[list[tuple[int, int]], int]:
@@ -257,22 +292,36 @@ def _read_jsonl(spec: ShardSpec) -> Iterator[tuple[str, int, Any]]:
         data = f.read(spec.byte_stop - spec.byte_start)
     for k, raw in enumerate(data.split(b"\n")):
         number = spec.start + k
+        # A byte-order mark is a file-level marker (editors write it; `cat` of such files puts it
+        # at a line start); U+FEFF never starts a JSON text, so dropping it changes no record.
+        bom = len(_UTF8_BOM) if raw.startswith(_UTF8_BOM) else 0
+        raw = raw[bom:]
         if number >= spec.stop or not raw.strip():
             continue
         location = f"{spec.path}:{number + 1}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield (
-                location,
-                number,
-                RecordError("not_utf8", f"byte offset {exc.start} in the line is not UTF-8", location),
-            )
+            detail = f"byte offset {exc.start + bom} in the line is not UTF-8"
+            yield location, number, RecordError("not_utf8", detail, location)
             continue
-        try:
-            yield location, number, json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield location, number, RecordError("malformed_json", f"{exc.msg} (column {exc.colno})", location)
+        yield location, number, _loads(text, location)
+
+
+def _loads(text: str, location: str) -> Any:
+    """The JSON value of one line, or the :class:`RecordError` of whatever the parser raised."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RecordError("malformed_json", f"{exc.msg} (column {exc.colno})", location)
+    except RecursionError:
+        return RecordError("malformed_json", "nested too deeply for the JSON parser", location)
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts (4300)
+        return RecordError("malformed_json", _short(str(exc)), location)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _get(record: Any, path: str, location: str) -> Any:
@@ -384,8 +433,8 @@ def _teacher(raw: Any, fields: FieldsSection, location: str) -> TeacherTokens:
             raise RecordError("wrong_type", f"{fields.teacher_tokens}: expected a list of tokens", location)
     if tokens is not None:
         if all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            if any(t < 0 for t in tokens):
-                raise RecordError("wrong_type", "teacher token ids must be >= 0", location)
+            if any(not 0 <= t <= _INT32_MAX for t in tokens):
+                raise RecordError("wrong_type", f"teacher token ids must be in [0, {_INT32_MAX}]", location)
         elif all(isinstance(t, str) for t in tokens):
             pass
         else:
@@ -404,13 +453,23 @@ def _teacher(raw: Any, fields: FieldsSection, location: str) -> TeacherTokens:
             raise RecordError(
                 "wrong_type", f"{name}[{i}]: expected a number, got {type(lp).__name__}", location
             )
-        if not math.isfinite(lp):
+        try:
+            value = float(lp)
+        except OverflowError:  # an integer of hundreds of digits
+            raise RecordError(
+                "nonfinite_logprobs",
+                f"{name}[{i}]: an integer of {int(lp).bit_length()} bits is no float",
+                location,
+            ) from None
+        if not math.isfinite(value):
             raise RecordError("nonfinite_logprobs", f"{name}[{i}] = {lp!r}", location)
-        if lp > POSITIVE_LOGPROB_TOLERANCE:
+        if value < -_FLOAT32_MAX:  # finite here, -inf in the store's float32
+            raise RecordError("nonfinite_logprobs", f"{name}[{i}] = {lp!r} is -inf in float32", location)
+        if value > POSITIVE_LOGPROB_TOLERANCE:
             raise RecordError(
                 "positive_logprobs", f"{name}[{i}] = {lp!r} > 0 is not a log-probability", location
             )
-        values.append(min(float(lp), 0.0))
+        values.append(min(value, 0.0))
     if not values:
         raise RecordError(
             "logprob_length_mismatch", f"{name}: no log-probs for a non-empty response", location

@@ -32,6 +32,7 @@ from :func:`cu_seqlens` (``PackedSeqParams``, THD layout).
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import os
 import shutil
@@ -45,21 +46,25 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nemo_dcod.data.readers import DataError
+from nemo_dcod.data.readers import POSITIVE_LOGPROB_TOLERANCE, DataError
 from nemo_dcod.data.tokenize import Document
 
 __all__ = [
     "SCORING_MARKER",
     "STORE_FORMAT",
     "STORE_VERSION",
+    "BadTeacherValueError",
     "IncompleteStoreError",
     "PackedShard",
     "PackedStore",
+    "StoreWriteError",
     "block_causal_attention_mask",
     "collate_packed",
     "cu_seqlens",
+    "first_bad_logprob",
     "pack_documents",
     "read_manifest",
+    "write_error",
     "write_json_atomic",
     "write_shard",
 ]
@@ -77,7 +82,35 @@ TEACHER_COLUMNS = {
 
 
 class IncompleteStoreError(DataError):
-    """The store was not finished (no manifest) or does not match its manifest."""
+    """The store was not finished (no manifest), does not match its manifest, or holds no rows."""
+
+
+class BadTeacherValueError(DataError):
+    """A stored teacher log-prob at a trained position is NaN, ±inf or positive (the file was
+    changed after it was written, or a value slipped through): the message names the shard's
+    column file, the row and the position."""
+
+
+class StoreWriteError(DataError):
+    """Writing the store failed (no space left, no permission, ...): nothing was made to look complete."""
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "no space left on the device: free space or choose another out_dir, then re-run "
+    "(finished shards are kept)",
+    errno.EDQUOT: "disk quota exceeded: free space or choose another out_dir, then re-run",
+    errno.EACCES: "no permission to write there: choose an out_dir you can write to",
+    errno.EPERM: "no permission to write there: choose an out_dir you can write to",
+    errno.EROFS: "a read-only file system: choose an out_dir on a writable one",
+}
+
+
+def write_error(path: Path, exc: OSError) -> StoreWriteError:
+    """The :class:`StoreWriteError` of ``exc`` raised while writing ``path``: what failed and what to do."""
+    reason = exc.strerror or str(exc)
+    name = errno.errorcode.get(exc.errno or -1, "")
+    hint = _WRITE_HINTS.get(exc.errno or -1, "check the out_dir's file system, then re-run")
+    return StoreWriteError(f"{path}: cannot write ({reason}{', ' + name if name else ''}): {hint}.")
 
 
 @dataclass
@@ -128,7 +161,11 @@ def _assign_rows(lengths: Sequence[int], seq_length: int, policy: str) -> list[l
 
 
 def pack_documents(
-    documents: Sequence[Document], seq_length: int, pad_token_id: int, policy: str = "best_fit"
+    documents: Sequence[Document],
+    seq_length: int,
+    pad_token_id: int,
+    policy: str = "best_fit",
+    teacher: bool | None = None,
 ) -> PackedShard:
     """Pack documents into ``[R, seq_length]`` rows, boundaries kept (see the module docstring).
 
@@ -137,6 +174,9 @@ def pack_documents(
         seq_length: tokens per row.
         pad_token_id: token of padding positions and label of each document's last position.
         policy: best_fit | sequential | none.
+        teacher: write the ``teacher_logprobs`` column (``[0, S]`` when no document is left, so a
+            shard whose records were all skipped still has every column the store lists); None:
+            when the documents carry teacher log-probs.
     """
     lengths = [len(d.tokens) for d in documents]
     assert all(0 < n <= seq_length for n in lengths), "documents must be cut to seq_length first"
@@ -145,7 +185,8 @@ def pack_documents(
     tokens = np.full((rows, seq_length), pad_token_id, dtype=np.int32)
     loss_mask = np.zeros((rows, seq_length), dtype=np.uint8)
     segment_ids = np.full((rows, seq_length), -1, dtype=np.int32)
-    teacher = documents and documents[0].teacher_logprobs is not None
+    if teacher is None:
+        teacher = bool(documents) and documents[0].teacher_logprobs is not None
     teacher_lp = np.zeros((rows, seq_length), dtype=np.float32) if teacher else None
     placed = np.zeros((len(documents), 4), dtype=np.int64)
     for r, members in enumerate(assignment):
@@ -168,10 +209,18 @@ def pack_documents(
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, then rename over ``path``."""
+    """Write JSON to a temp file in the same directory, then rename over ``path``.
+
+    Raises:
+        StoreWriteError: the write failed (no space, no permission); ``path`` is as it was.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # ENOSPC, EACCES, EROFS: the old file (if any) is untouched
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from exc
 
 
 def write_shard(final: Path, shard: PackedShard, info: dict[str, Any]) -> None:
@@ -179,16 +228,23 @@ def write_shard(final: Path, shard: PackedShard, info: dict[str, Any]) -> None:
 
     A process killed mid-write leaves only the ``.tmp-*`` directory, which is never read and is
     removed by the next run; ``final`` either does not exist or is whole.
+
+    Raises:
+        StoreWriteError: a write failed (no space left, no permission); the temp dir is removed.
     """
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    for name, array in shard.columns.items():
-        np.save(tmp / f"{name}.npy", array)
-    np.save(tmp / "documents.npy", shard.documents)
-    (tmp / "shard.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        for name, array in shard.columns.items():
+            np.save(tmp / f"{name}.npy", array)
+        np.save(tmp / "documents.npy", shard.documents)
+        (tmp / "shard.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except OSError as exc:  # the partial temp dir is removed (it may hold what filled the disk)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(final, exc) from exc
 
 
 def read_manifest(path: str | Path, *, scoring: bool = False) -> dict[str, Any]:
@@ -208,7 +264,12 @@ def read_manifest(path: str | Path, *, scoring: bool = False) -> dict[str, Any]:
         raise IncompleteStoreError(
             f"{path}: not a complete store (no manifest.json): prepare did not finish; re-run it to resume."
         )
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except ValueError as exc:  # not JSON (or not UTF-8): written by something else, or damaged
+        raise IncompleteStoreError(f"{manifest_path}: not a manifest ({exc}): re-run prepare.") from exc
+    if not isinstance(manifest, dict):
+        raise IncompleteStoreError(f"{manifest_path}: not a manifest (not a JSON object): re-run prepare.")
     if manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
         raise IncompleteStoreError(
             f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; this code reads "
@@ -253,6 +314,11 @@ class PackedStore(Dataset[dict[str, torch.Tensor]]):
         self.shards = [s["name"] for s in self.manifest["shards"]]
         rows = [int(s["rows"]) for s in self.manifest["shards"]]
         self.offsets = np.cumsum([0, *rows])
+        if not rows or self.offsets[-1] == 0:  # written so by an older prepare, or by hand
+            raise IncompleteStoreError(
+                f"{path}: the store holds no rows (prepare kept no document; see its report.json): "
+                "re-run prepare with inputs that yield records."
+            )
         for shard, n_rows in zip(self.manifest["shards"], rows, strict=True):
             self._check_shard(shard, n_rows)
         self._open: dict[int, dict[str, np.ndarray]] = {}
@@ -292,12 +358,32 @@ class PackedStore(Dataset[dict[str, torch.Tensor]]):
         return self._shard(k)[name]
 
     def row(self, index: int) -> dict[str, np.ndarray]:
-        """The stored columns of row ``index`` (numpy, label-aligned)."""
+        """The stored columns of row ``index`` (numpy, label-aligned).
+
+        Teacher log-probs read are checked at the row's trained positions (every position when
+        ``loss_mask`` is not read): finite and <= 0 (see :func:`first_bad_logprob`).
+
+        Raises:
+            BadTeacherValueError: naming the shard's column file, the row and the position.
+        """
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} of a store with {len(self)} rows")
         k = int(np.searchsorted(self.offsets, index, side="right")) - 1
         local = index - int(self.offsets[k])
-        return {name: np.asarray(a[local]) for name, a in self._shard(k).items()}
+        cols = {name: np.asarray(a[local]) for name, a in self._shard(k).items()}
+        trained = cols["loss_mask"] > 0 if "loss_mask" in cols else None
+        for name in ("teacher_logprobs", "teacher_topk_logprobs"):
+            if name in cols and (bad := first_bad_logprob(cols[name], trained)) is not None:
+                (position, *entry), value = bad
+                where = f"position {position}" + (f", top-k entry {entry[0]}" if entry else "")
+                raise BadTeacherValueError(
+                    f"{self.path / 'shards' / self.shards[k] / name}.npy: row {local} (store row "
+                    f"{index}), {where}: {value!r} at a trained position; a teacher "
+                    "log-prob must be finite and <= 0. The file was changed after it was written, or "
+                    "a bad value slipped through: re-run prepare (engine log-probs) or score (scored "
+                    "columns) into a fresh out_dir."
+                )
+        return cols
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         cols = self.row(int(index))
@@ -324,6 +410,25 @@ class PackedStore(Dataset[dict[str, torch.Tensor]]):
         if "teacher_topk_ids" in cols:
             sample["teacher_topk_ids"] = torch.from_numpy(cols["teacher_topk_ids"].astype(np.int64))
         return sample
+
+
+def first_bad_logprob(
+    values: np.ndarray, trained: np.ndarray | None = None
+) -> tuple[tuple[int, ...], float] | None:
+    """The first value that is no log-probability (NaN, ±inf, > :data:`POSITIVE_LOGPROB_TOLERANCE`)
+    at a trained position: ``(index, value)``, or None when all are.
+
+    Args:
+        values: ``[..., S]`` (``teacher_logprobs``) or ``[..., S, K]`` (``teacher_topk_logprobs``).
+        trained: bool, ``values.shape`` without ``K``: positions checked; None: all of them.
+    """
+    ok = np.isfinite(values) & (values <= POSITIVE_LOGPROB_TOLERANCE)  # NaN fails both
+    if trained is not None:
+        ok |= ~(trained[..., None] if ok.ndim > trained.ndim else trained)
+    if ok.all():
+        return None
+    at = np.unravel_index(int(np.argmin(ok)), ok.shape)
+    return tuple(int(i) for i in at), float(values[at])
 
 
 def block_causal_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from nemo_dcod.data.answers import answers_match, extract_answer
 from nemo_dcod.data.config import PrepareConfig
 from nemo_dcod.data.readers import DataError, RecordError, Trace
 
-__all__ = ["Document", "TraceTokenizer", "load_tokenizer", "tokenizer_fingerprint"]
+__all__ = ["Document", "TraceTokenizer", "load_tokenizer", "tokenizer_fingerprint", "unforeseen"]
 
 _BATCH = 512  # texts per call of the (Rust, multi-threaded) tokenizer
 
@@ -58,6 +58,13 @@ class Document:
     teacher_logprobs: np.ndarray | None
     truncated: bool = False
     filled: int = 0
+
+
+def unforeseen(exc: Exception, location: str) -> RecordError:
+    """The ``unparseable_record`` error of a record on which something raised ``exc`` that no check
+    foresaw (a hostile value deep in it): counted and named like every bad record."""
+    text = f"{type(exc).__name__}: {exc}"
+    return RecordError("unparseable_record", text if len(text) <= 200 else text[:197] + "...", location)
 
 
 def load_tokenizer(path: str, chat_template: str | None = None) -> Any:
@@ -162,33 +169,57 @@ class TraceTokenizer:
         return None
 
     def encode(self, traces: list[Trace]) -> list[Document | RecordError]:
-        """One :class:`Document` or :class:`RecordError` per trace, in order."""
+        """One :class:`Document` or :class:`RecordError` per trace, in order.
+
+        Whatever goes wrong with one trace is that trace's error, never the batch's: an exception
+        no check foresaw is its ``unparseable_record`` (see :func:`unforeseen`).
+        """
         out: list[Document | RecordError | None] = [None] * len(traces)
         todo: list[tuple[int, str, list[tuple[int, int]], tuple[int, int]]] = []
         for k, trace in enumerate(traces):
-            problem = self._answer_problem(trace)
-            if problem is not None:
-                out[k] = problem
-                continue
             try:
+                problem = self._answer_problem(trace)
+                if problem is not None:
+                    out[k] = problem
+                    continue
                 todo.append((k, *self._spans(trace)))
             except RecordError as exc:
                 out[k] = exc
+            except Exception as exc:  # one hostile record must not end the run
+                out[k] = unforeseen(exc, trace.location)
         for b in range(0, len(todo), _BATCH):
             chunk = todo[b : b + _BATCH]
-            # The Rust tokenizer directly: the same ids and offsets as the transformers wrapper
-            # (special tokens in the rendered text are matched; none are added), without its
-            # per-sequence Python conversion.
-            encodings = self.tok.backend_tokenizer.encode_batch(
-                [t[1] for t in chunk], add_special_tokens=False
-            )
-            for (k, _, spans, content), enc in zip(chunk, encodings, strict=True):
+            for (k, _, spans, content), enc in zip(
+                chunk, self._encode_batch([t[1] for t in chunk]), strict=True
+            ):
                 try:
+                    if isinstance(enc, Exception):
+                        raise enc
                     out[k] = self._document(traces[k], enc.ids, enc.offsets, spans, content)
                 except RecordError as exc:
                     out[k] = exc
+                except Exception as exc:
+                    out[k] = unforeseen(exc, traces[k].location)
         assert all(d is not None for d in out)
         return out  # type: ignore[return-value]
+
+    def _encode_batch(self, texts: list[str]) -> list[Any]:
+        """The Rust tokenizer's encodings of ``texts``; where the batch call fails, each text alone
+        (an exception in place of the one that fails)."""
+        # The Rust tokenizer directly: the same ids and offsets as the transformers wrapper
+        # (special tokens in the rendered text are matched; none are added), without its
+        # per-sequence Python conversion.
+        backend = self.tok.backend_tokenizer
+        try:
+            return list(backend.encode_batch(texts, add_special_tokens=False))
+        except Exception:  # find the text that fails
+            out: list[Any] = []
+            for text in texts:
+                try:
+                    out.append(backend.encode(text, add_special_tokens=False))
+                except Exception as exc:
+                    out.append(exc)
+            return out
 
     def _document(
         self,

@@ -397,9 +397,9 @@ def test_template_that_rewrites_earlier_turns_is_reported(tmp_path: Path, tokeni
         ]
     }
     fields = {"layout": "messages"}
-    report, _ = prepare(tmp_path / "a", tokenizer, [chat, chat], fields, chat_template=template)
-    assert report["skipped"] == {"template_error": 2}
-    assert "set train_on=last_assistant" in report["skip_examples"]["template_error"][0]
+    # Both skipped: nothing usable is an error (see test_bad_inputs.py), with the counts and an example.
+    with pytest.raises(DataError, match=r"skipped: template_error 2 \(e\.g\. .*set train_on=last_assistant"):
+        prepare(tmp_path / "a", tokenizer, [chat, chat], fields, chat_template=template)
     report, store = prepare(
         tmp_path / "b", tokenizer, [chat], fields, chat_template=template, train_on="last_assistant"
     )

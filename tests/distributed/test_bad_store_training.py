@@ -1,0 +1,65 @@
+"""A store with a NaN teacher log-prob written into a shard after prepare reaches
+`nemo-dcod train data.source=store` as an error naming the shard's column file, the row and the
+position (raised by :class:`~nemo_dcod.data.store.PackedStore` when the row is read), never as a NaN
+in the optimizer: the run exits 1 before any step is logged.
+
+One CPU process (``trainer.devices=1``, TP=1), two steps of conf/train_store_tiny.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from trace_fixtures import prepare_store
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_nan_teacher_logprob_in_a_shard_stops_training_naming_shard_and_row(tmp_path: Path) -> None:
+    store = Path(prepare_store(tmp_path, seq_length=128, vocab_size=209))
+    manifest = json.loads((store / "manifest.json").read_text())
+    shard = store / "shards" / "shard_00000"
+    lps, mask = np.load(shard / "teacher_logprobs.npy"), np.load(shard / "loss_mask.npy")
+    position = int(np.flatnonzero(mask[1])[3])  # a trained position of row 1: in the first batch
+    lps[1, position] = np.nan
+    np.save(shard / "teacher_logprobs.npy", lps)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_dcod.cli",
+            "train",
+            "--config",
+            "conf/train_store_tiny.yaml",
+            f"run_dir={run_dir}",
+            f"data.path={store}",
+            f"data.vocab_size={manifest['vocab_size']}",
+            "trainer.devices=1",
+            "parallel.tensor_model_parallel_size=1",
+            "trainer.max_steps=2",
+            "optim.warmup_steps=1",
+            "trainer.val_check_interval=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-4000:])
+    expected = (
+        f"nemo-dcod train: {shard}/teacher_logprobs.npy: row 1 (store row 1), position {position}: "
+        "nan at a trained position"
+    )
+    assert expected in proc.stderr, proc.stderr[-4000:]
+    metrics = run_dir / "metrics.jsonl"
+    logged = metrics.read_text().splitlines() if metrics.exists() else []
+    assert not [line for line in logged if '"loss"' in line], logged  # no step ran on the NaN
