@@ -147,7 +147,10 @@ def test_inputs_that_yield_no_document_leave_no_store(
     [
         ("parquet", "a Parquet file"),
         (b"\x1f\x8b\x08\x00", "gzip-compressed"),
+        (b"PK\x03\x04", "a zip archive"),
+        (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
         ("utf16", "UTF-16/32 (little-endian) text"),
+        ("utf32be", "UTF-32 (big-endian) text"),
     ],
 )
 def test_another_format_under_a_jsonl_name_is_named(
@@ -159,6 +162,8 @@ def test_another_format_under_a_jsonl_name_is_named(
         path.write_bytes(_parquet_bytes(tmp_path))
     elif magic == "utf16":
         path.write_bytes(json.dumps(record(0)).encode("utf-16"))
+    elif magic == "utf32be":
+        path.write_bytes(b"\x00\x00\xfe\xff" + json.dumps(record(0)).encode("utf-32-be"))
     else:
         path.write_bytes(magic + b"rest")
     # Even beside a good file: a whole file of another format is never a pile of skipped lines.
@@ -616,3 +621,29 @@ def test_no_permission_on_the_output_folder(
     finally:
         if os.geteuid() != 0:
             parent.chmod(0o755)
+
+
+def test_no_permission_injected_at_the_shard_rename(
+    big_traces: Path, tokenizer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The permission case where no mount or chmod can make it (root without mount rights): the
+    rename that puts shard 0 in place raises EACCES, as on a folder whose permissions changed
+    during the run; a StoreWriteError naming the shard, its temp dir removed, no manifest."""
+    import nemo_dcod.data.store as store_module
+
+    rename = os.rename
+
+    def denied(src: Any, dst: Any) -> None:
+        if Path(dst).name == "shard_00000":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(store_module.os, "rename", denied)
+    cfg = config([big_traces], tokenizer, tmp_path / "s", seq_length=512, records_per_shard=40)
+    with pytest.raises(
+        StoreWriteError,
+        match=r"shards/shard_00000: cannot write \(Permission denied, EACCES\): no permission",
+    ):
+        run_prepare(cfg, quiet=True)
+    assert_not_a_store(tmp_path / "s")
+    assert list((tmp_path / "s" / "shards").iterdir()) == []
