@@ -29,7 +29,7 @@ limit_mib=64
 # what the lock's environment resolved. megatron-core pins numpy<2; the GPU's numpy 2 is kept
 # (--no-deps), as it was when megatron-core 0.15.3 ran there before.
 PACKAGES=(
-  megatron-core==0.15.3 nemo-toolkit==2.7.3 nemo_run==0.11.1 nvidia-modelopt==0.37.0
+  megatron-core==0.15.3 nemo-toolkit==2.7.3 nemo_run==0.11.1
   absl-py==2.5.1 annotated-doc==0.0.7 annotated-types==0.8.0 anyio==4.9.0 asciitree==1.0.0
   bcrypt==5.0.0 catalogue==2.0.10 cffi==2.1.1 click==8.5.1 cloudpickle==3.0.0 contextlib2==21.6.0
   cryptography==50.0.2 datasets==5.0.1 decorator==5.3.1 Deprecated==1.3.1 dill==0.4.1
@@ -37,17 +37,25 @@ PACKAGES=(
   fiddle==0.3.1 google-auth==2.63.0 graphviz==0.21 h11==0.16.0 httpcore==1.0.9 httpx==0.27.2
   hydra-core==1.3.2 iniconfig==2.3.1 invoke==2.2.1 ledoc-ui==0.1.0 leptonai==0.27.3 libcst==1.9.0
   loguru==0.7.3 markdown-it-py==4.3.0 mdurl==0.1.2 ml_dtypes==0.5.4 multiprocess==0.70.19
-  mypy_extensions==1.2.0 numcodecs==0.15.2 nv-one-logger-core==2.3.1
+  mypy_extensions==1.2.0 nv-one-logger-core==2.3.1
   nv-one-logger-pytorch-lightning-integration==2.3.1 nv-one-logger-training-telemetry==2.3.1
   omegaconf==2.3.0 onnx==1.22.0 opentelemetry-api==1.45.2 opentelemetry-exporter-otlp-proto-http==1.45.2
   overrides==7.7.0 pandas==3.0.6 paramiko==5.1.0 pillow==13.0.0 pluggy==1.7.0
-  prometheus-fastapi-instrumentator==7.0.0 prometheus_client==0.26.0 protobuf==5.29.6 PuLP==3.3.2
+  prometheus-fastapi-instrumentator==7.0.0 prometheus_client==0.26.0 protobuf==5.29.6
   pyarrow==21.0.0 pydantic==2.14.4 pydantic_core==2.50.5 Pygments==2.21.0 PyNaCl==1.6.2
-  pyre-extensions==0.0.32 pytest==9.2.0 python-dateutil==2.9.0.post0 rich==15.0.0 scipy==1.17.1
+  pyre-extensions==0.0.32 pytest==9.2.0 python-dateutil==2.9.0.post0 rich==15.0.0
   sentencepiece==0.2.3 shellingham==1.5.4 six==1.17.0 sniffio==1.3.1 starlette==0.52.1 StrEnum==0.4.15
-  tensorstore==0.1.71 tiktoken==0.7.0 toml==0.10.2 torchprofile==0.1.0 torchx==0.7.0 typer==0.29.2
-  typing-inspect==0.9.0 typing-inspection==0.4.5 uvicorn==0.54.0 wrapt==2.5.2 xxhash==4.1.0 zarr==2.18.7
+  tensorstore==0.1.71 tiktoken==0.7.0 toml==0.10.2 torchx==0.7.0 typer==0.29.2
+  typing-inspect==0.9.0 typing-inspection==0.4.5 uvicorn==0.54.0 wrapt==2.5.2 xxhash==4.1.0
 )
+# Only for `nemo.collections.llm.api` (llm.train, llm.import_ckpt, ...), which imports
+# nvidia-modelopt and through it scipy: `import nemo.collections.llm, nemo.lightning` works
+# without them (llm.api's names are then missing). nemo_dcod.train.run calls llm.train, so they
+# are carried unless GPU_WHEELS_LLM_API=0 (measured: 76.1 MiB with them, over the limit).
+LLM_API_PACKAGES=(
+  nvidia-modelopt==0.37.0 scipy==1.17.1 PuLP==3.3.2 torchprofile==0.1.0 zarr==2.18.7 numcodecs==0.15.2
+)
+if [ "${GPU_WHEELS_LLM_API:-1}" != 0 ]; then PACKAGES+=("${LLM_API_PACKAGES[@]}"); fi
 # Published as source only (pure Python): built here into py3-none-any wheels.
 SDIST_ONLY=(antlr4-python3-runtime==4.9.3 wget==3.2)
 
