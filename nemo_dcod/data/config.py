@@ -9,6 +9,7 @@ checked when the stage runs, with errors that name them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,8 +132,8 @@ class PrepareConfig:
             out.append(f"records_per_shard={self.records_per_shard}: must be >= 1.")
         if self.workers < 1:
             out.append(f"workers={self.workers}: must be >= 1.")
-        if self.teacher_fill_logprob > 0 or self.teacher_fill_logprob != self.teacher_fill_logprob:
-            out.append(f"teacher_fill_logprob={self.teacher_fill_logprob}: must be a log-prob (<= 0).")
+        if not -math.inf < self.teacher_fill_logprob <= 0:  # NaN fails too
+            out.append(f"teacher_fill_logprob={self.teacher_fill_logprob}: must be a finite log-prob (<= 0).")
         if self.answer_filter != "none" and self.fields.reference is None:
             out.append(
                 f"answer_filter={self.answer_filter} needs fields.reference (the field holding the "

@@ -89,6 +89,25 @@ def _score_shard(
     return columns
 
 
+def _check_columns(columns: dict[str, np.ndarray], store: PackedStore, k: int, shard: str) -> None:
+    """A forward that produced no log-probability (NaN, inf: an overflow in bf16, a bad checkpoint)
+    is refused here, naming the shard and row, not at training time.
+
+    Raises:
+        ScoreError: the first bad value at a trained position.
+    """
+    from nemo_dcod.data.store import first_bad_logprob
+
+    trained = np.asarray(store.shard_column(k, "loss_mask")) > 0
+    for name in ("teacher_logprobs", "teacher_topk_logprobs"):
+        if name in columns and (bad := first_bad_logprob(columns[name], trained)) is not None:
+            at, value = bad
+            raise ScoreError(
+                f"{shard}: the scored model gave {name} = {value} at row {at[0]}, position {at[1]} (a "
+                "trained position): not a log-probability. Check the checkpoint, or score with dtype=fp32."
+            )
+
+
 def uses_transformer_engine(spec: str) -> bool:
     """Whether ``spec`` (auto | local | te) builds Transformer Engine layers on this machine.
 
@@ -163,6 +182,7 @@ def score_rank(rank: int, world: int, plan: ScorePlan, on_write: WriteHook | Non
             columns = _score_shard(mcore, store, k, plan, device, te)
             if writer:
                 assert columns is not None  # the last stage has the columns
+                _check_columns(columns, store, k, plan.shards[k])
                 rows = int(store.offsets[k + 1] - store.offsets[k])
                 tokens = int((store.shard_column(k, "segment_ids") >= 0).sum())
                 info = {

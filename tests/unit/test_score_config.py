@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from nemo_dcod.config import ConfigError, load_config
@@ -53,3 +55,28 @@ def test_vocabulary_diff_is_short_and_names_ids() -> None:
     assert lines[0] == "sizes: 4 tokens (store) vs 5 (model)"
     assert lines[1] == "3 id(s) map to different tokens, e.g.:"
     assert lines[2:] == ["  id 1: 'a' (store) vs 'b' (model)", "  id 2: 'b' (store) vs 'a' (model)"]
+
+
+def test_a_forward_that_is_no_log_probability_is_refused_before_it_is_written(tmp_path: Path) -> None:
+    """Score checks the columns it computed at the trained positions (NaN from a bf16 overflow)."""
+    import numpy as np
+    from trace_fixtures import prepare_store
+
+    from nemo_dcod.data.store import PackedStore
+    from nemo_dcod.score.plan import ScoreError
+    from nemo_dcod.score.ranks import _check_columns
+
+    store = PackedStore(prepare_store(tmp_path, 64, 209), columns=("tokens", "loss_mask", "segment_ids"))
+    trained = np.asarray(store.shard_column(0, "loss_mask")) > 0
+    good = np.where(trained, -0.5, 0.0).astype(np.float32)
+    _check_columns({"teacher_logprobs": good}, store, 0, "shard_00000")
+    bad = good.copy()
+    row, pos = (int(i) for i in np.argwhere(trained)[3])
+    bad[row, pos] = np.nan
+    with pytest.raises(
+        ScoreError, match=rf"shard_00000: .*teacher_logprobs = nan at row {row}, position {pos}"
+    ):
+        _check_columns({"teacher_logprobs": bad}, store, 0, "shard_00000")
+    untrained = good.copy()
+    untrained[~trained] = np.nan  # garbage where nothing is trained is no one's business
+    _check_columns({"teacher_logprobs": untrained}, store, 0, "shard_00000")
