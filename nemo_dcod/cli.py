@@ -34,8 +34,14 @@ _STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "demo": (
         "the embedded default: teacher -> prepare -> train SFT and DisCorD (TP=2) -> export -> eval",
         "nemo_dcod.demo.config:DemoConfig",
-        "nemo_dcod.demo:run_demo",
-        ("nemo_dcod.demo:DemoError",),
+        "nemo_dcod.study.demo:run_demo",
+        ("nemo_dcod.study.demo:DemoError",),
+    ),
+    "study": (
+        "labelled students x seeds through prepare -> train -> export -> eval, compared over seeds",
+        "nemo_dcod.study.config:StudyConfig",
+        "nemo_dcod.study.run:run_study",
+        ("nemo_dcod.study.config:StudyError",),
     ),
     "train": (
         "the student with DisCorD (or a baseline) through the NeMo plug-in",

@@ -24,6 +24,11 @@ def student_problems(students: list[dict[str, Any]], prefix: str = "students") -
             f"{prefix}: labels {repeated} repeat; give each student its own `label` (e.g. "
             "{label: discord_t05, name: discord, tau: 0.5})."
         )
+    for label in labels:
+        if not label.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            out.append(
+                f"{prefix}: label {label!r}: use letters, digits, '_', '-' and '.' (it names a folder)."
+            )
     for i, section in enumerate(students):
         out.extend(loss_problems(section, prefix=f"{prefix}[{i}]"))
     return out
@@ -34,9 +39,10 @@ class DemoConfig:
     """``nemo-dcod demo``: the whole pipeline on a synthetic reasoning task, on CPU, in minutes.
 
     A program teacher writes step-by-step solutions in two styles (:mod:`nemo_dcod.demo.task`),
-    prepare filters and packs them, two students (SFT and DisCorD) train from one initialisation
-    through the NeMo plug-in at TP=2, both are exported to Hugging Face and evaluated on held-out
-    problems, and their exposure bias (ExAccErr) is measured against the teacher.
+    prepare filters and packs them, two students (SFT and DisCorD) train from one initial
+    checkpoint through the NeMo plug-in at TP=2, both are exported to Hugging Face and evaluated
+    on held-out problems, and their exposure bias (ExAccErr) is measured against the teacher. It
+    runs as a one-seed study (`nemo-dcod study`, :mod:`nemo_dcod.study.demo`).
     """
 
     run_dir: str = "runs/demo"

@@ -1,9 +1,10 @@
 """`nemo-dcod demo reduced=true` end to end (what CI runs), and the consistency of what it writes.
 
-One run of the real command (teacher -> prepare -> two TP=2 trainings under torchrun -> export ->
-eval -> ExAccErr -> report), then checks on its outputs:
+One run of the real command (teacher -> prepare -> one initial checkpoint -> two TP=2 trainings
+under torchrun from it -> export -> eval -> ExAccErr -> the study's report), then checks on its
+outputs:
 
-- every artifact the summary lists exists;
+- every artifact the report lists exists and its path is printed;
 - the printed table, ``summary.md`` and ``summary.json`` agree cell by cell, and the accuracies
   are the eval stage's own ``results.json`` numbers;
 - both students started from identical weights: their losses agree exactly while DisCorD's λ is 0
@@ -26,7 +27,7 @@ import pytest
 
 from nemo_dcod.config import load_config
 from nemo_dcod.demo.config import DemoConfig
-from nemo_dcod.demo.report import TABLE_COLUMNS
+from nemo_dcod.study.report import METRICS
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,9 +60,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 def _table(text: str) -> dict[str, list[str]]:
-    """Rows of the students' markdown table in ``text`` (the block under ``| student |``)."""
+    """Rows of the students' main table in ``text`` (the block under ``| student | seeds |``)."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| student |"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("| student | seeds |"))
     rows = []
     for line in lines[start + 2 :]:  # after the header and the rule
         if not line.startswith("| "):
@@ -70,49 +71,55 @@ def _table(text: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in rows}
 
 
-def test_artifacts_exist_and_config_round_trips(demo_run: tuple[Path, str]) -> None:
+def _summary(run_dir: Path) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads((run_dir / "report_demo" / "summary.json").read_text())
+    return result
+
+
+def test_report_exists_and_config_round_trips(demo_run: tuple[Path, str]) -> None:
     run_dir, stdout = demo_run
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["students"]) == {"sft", "discord"}
-    for label, path in summary["artifacts"].items():
-        assert Path(path).exists(), label
-        assert str(path) in stdout, label  # the path of each artifact is printed
-    for name in ("sft", "discord"):
-        assert (run_dir / name / "metrics.jsonl").is_file()
-        assert (run_dir / "hf" / name / "config.json").is_file()
+    summary = _summary(run_dir)
+    assert list(summary["students"]) == ["sft", "discord"] and summary["seeds"] == [0]
+    for name in ("summary.json", "summary.md", "study.png", "weights.png"):
+        path = run_dir / "report_demo" / name
+        assert path.is_file() and str(path) in stdout, name  # each report file's path is printed
+    for name, student in summary["students"].items():
+        paths = student["per_seed"]["0"]["paths"]
+        for key in ("train_dir", "checkpoint", "hf_export", "eval_results", "train_log"):
+            assert Path(paths[key]).exists(), (name, key)
+        assert (Path(paths["train_dir"]) / "metrics.jsonl").is_file()
+        assert (Path(paths["hf_export"]) / "config.json").is_file()
     cfg = load_config(DemoConfig, run_dir / "config.yaml")
     assert cfg.reduced and cfg.resolved().steps == 8
+    assert summary["config"]["training"]["tensor_model_parallel_size"] == 2
 
 
 def test_table_json_and_eval_results_agree(demo_run: tuple[Path, str]) -> None:
     run_dir, stdout = demo_run
-    summary = json.loads((run_dir / "summary.json").read_text())
-    printed, written = _table(stdout), _table((run_dir / "summary.md").read_text())
+    summary = _summary(run_dir)
+    printed, written = _table(stdout), _table((run_dir / "report_demo" / "summary.md").read_text())
     assert printed == written and set(printed) == set(summary["students"])
     for name, cells in printed.items():
-        student = summary["students"][name]
-        assert len(cells) == len(TABLE_COLUMNS)
-        for cell, (header, key, fmt) in zip(cells, TABLE_COLUMNS, strict=True):
-            value = student[key]
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                assert cell == "—", header
-            else:
-                assert cell == fmt.format(value), header
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
+        metrics = summary["students"][name]["metrics"]
+        assert cells[0] == "1"  # one seed
+        for cell, (key, header, fmt) in zip(cells[1 : 1 + len(METRICS)], METRICS, strict=True):
+            value = metrics[key]["mean"]
+            assert cell == ("—" if value is None else fmt.format(value)), header  # one seed: no ± std
     for name, student in summary["students"].items():
-        bench = results["models"][name]["benchmarks"]["heldout"]
-        assert student["accuracy_percent"] == pytest.approx(100 * bench["score"], abs=1e-12)
-        assert bench["n"] == 32
-        assert math.isfinite(student["exaccerr_percent"]) and student["kl_teacher_prefixes"] > 0
+        run = student["per_seed"]["0"]
+        bench = json.loads(Path(run["paths"]["eval_results"]).read_text())["models"][name]["benchmarks"]
+        assert run["accuracy_percent"] == pytest.approx(100 * bench["heldout"]["score"], abs=1e-12)
+        assert bench["heldout"]["n"] == 32
+        assert math.isfinite(run["exaccerr_percent"]) and run["exposure_l_eps"] > 0
 
 
 def test_students_started_from_identical_weights(demo_run: tuple[Path, str]) -> None:
     run_dir, _ = demo_run
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records: dict[str, list[dict[str, Any]]] = {
-        name: [json.loads(x) for x in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
-        for name in ("sft", "discord")
-    }
+    summary = _summary(run_dir)
+    records: dict[str, list[dict[str, Any]]] = {}
+    for name, student in summary["students"].items():
+        metrics = Path(student["per_seed"]["0"]["paths"]["train_dir"]) / "metrics.jsonl"
+        records[name] = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in records["sft"]] == list(range(1, 9)) == [r["step"] for r in records["discord"]]
     zero = [r["step"] for r in records["discord"] if r["lambda"] == 0]
     assert zero and zero == list(range(1, len(zero) + 1)) and len(zero) < 8
@@ -122,7 +129,8 @@ def test_students_started_from_identical_weights(demo_run: tuple[Path, str]) -> 
         )
     after = len(zero)  # the first step with λ > 0: DisCorD's weights change its loss
     assert records["sft"][after]["loss"] != pytest.approx(records["discord"][after]["loss"], rel=1e-6)
-    assert summary["identical_start"]["equal_steps"] == len(zero)
+    same = summary["identical_start"]["seed 0, ce"]
+    assert same["identical"] and same["equal_steps"] == len(zero)
 
 
 def test_exported_students_load_with_transformers(demo_run: tuple[Path, str]) -> None:
@@ -130,10 +138,10 @@ def test_exported_students_load_with_transformers(demo_run: tuple[Path, str]) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir, _ = demo_run
-    for name in ("sft", "discord"):
-        path = run_dir / "hf" / name
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    for name, student in _summary(run_dir)["students"].items():
+        path = student["per_seed"]["0"]["paths"]["hf_export"]
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": "3 + 4 - 2 + 1"}], tokenize=False, add_generation_prompt=True
         )

@@ -14,6 +14,7 @@ from nemo_dcod.data.config import PrepareConfig
 from nemo_dcod.demo.config import DemoConfig
 from nemo_dcod.eval.config import EvalConfig
 from nemo_dcod.score.config import ScoreConfig
+from nemo_dcod.study.config import StudyConfig
 from nemo_dcod.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +24,7 @@ SCHEMAS: dict[str, type] = {
     "prepare": PrepareConfig,
     "eval": EvalConfig,
     "score": ScoreConfig,
+    "study": StudyConfig,
 }
 
 
