@@ -6,6 +6,7 @@ a group), then derives the ratios once, so a logged ESS or mean Δ is the global
 mean of per-micro-batch ratios:
 
     ESS       = (Σ w)² / (n Σ w²)                 (1: uniform weights; 1/n: one token dominates)
+    gate ESS  = (Σ g)² / (n Σ g²)                 (DisCorD's gate alone: the weights' ESS at λ = 1)
     Δ mean    = Σ Δ / n,  Δ std = sqrt(Σ Δ² / n - mean²)
     clipped   = #{|Δ_raw| > c} / n
 """
@@ -26,8 +27,17 @@ __all__ = ["WEIGHT_HIST_EDGES", "derive_metrics", "reduce_metrics", "weight_sums
 # Histogram bins of w: [0, 0.25), [0.25, 0.5), ..., [3.75, 4), [4, inf).
 WEIGHT_HIST_EDGES: tuple[float, ...] = tuple(0.25 * i for i in range(17))
 
-_DERIVED = ("weight_mean", "ess", "delta_mean", "delta_std", "clip_fraction", "g_mean")
-_SUMMED = ("tokens", "weight_sum", "weight_sq_sum", "delta_sum", "delta_sq_sum", "clipped_count", "g_sum")
+_DERIVED = ("weight_mean", "ess", "delta_mean", "delta_std", "clip_fraction", "g_mean", "gate_ess")
+_SUMMED = (
+    "tokens",
+    "weight_sum",
+    "weight_sq_sum",
+    "delta_sum",
+    "delta_sq_sum",
+    "clipped_count",
+    "g_sum",
+    "g_sq_sum",
+)
 
 
 def weight_sums(
@@ -84,6 +94,9 @@ def derive_metrics(sums: dict[str, Tensor]) -> dict[str, Tensor]:
         out["clip_fraction"] = scalar(float(sums["clipped_count"]) / n)
     if "g_sum" in sums:
         out["g_mean"] = scalar(float(sums["g_sum"]) / n)
+    if "g_sum" in sums and "g_sq_sum" in sums:  # the gate's ESS, ḡ² / mean(g²): what the ESS guard reads
+        sg, sg2 = float(sums["g_sum"]), float(sums["g_sq_sum"])
+        out["gate_ess"] = scalar(sg * sg / (n * sg2) if sg2 > 0 else 0.0)
     return out
 
 

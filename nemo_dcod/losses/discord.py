@@ -28,6 +28,20 @@ pure function of :mod:`nemo_dcod.losses.weights` with λ, b and ḡ as device sc
 GPUs into a few kernels, no host sync; eager on CPU), built from the same helpers as the
 step-by-step path (``fused=false``), which the tests hold it equal to.
 
+**The ESS guard** (``ess_floor``). A small τ makes the gate nearly binary: the tokens the student
+predicts badly get weight ≈ 1 - λ, i.e. almost no gradient at λ = 1, and the student stops
+learning them (FACTS.md's probe: NLL 0.18 -> 0.63 at τ = 0.5). With r = g/ḡ (mean 1 over the
+statistics' batch), w = 1 + λ(r - 1), so the weights' effective sample size is exactly
+
+    ESS_w(λ) = (Σw)² / (n Σw²) = 1 / (1 + λ² Var(r)),   Var(r) = 1/ESS_g - 1,  ESS_g = ḡ² / mean(g²)
+
+and ``ess_floor = f > 0`` caps λ at the value where ESS_w equals the floor:
+λ ≤ sqrt((1/f - 1) / Var(r)). It is a fallback toward SFT (λ = 0 is SFT) that acts only when the
+weights degenerate, reads the same statistics as b and ḡ (the previous step's global batch by
+default, carried in checkpoints; :class:`~nemo_dcod.losses.types.WeightStats`), so it does not
+depend on the layout, and it is logged every step: ``lambda`` (used), ``lambda_scheduled`` and
+``guard_scale`` (their ratio: < 1 when the guard acted), ``gate_ess``.
+
 The module imports no torch until the loss runs (:mod:`nemo_dcod.losses.registry`).
 """
 
@@ -54,8 +68,9 @@ class DisCorDLoss:
     """The DisCorD loss in Megatron's per-token form; see the module docstring for the formula."""
 
     variant: str = "token"
-    """How Δ is formed: token | prefix (a causal window of `window` tokens) | sequence (one per
-    trace), or a registered one (nemo_dcod.losses.variants)."""
+    """How Δ is formed: token | prefix (mean over a causal window of `window` tokens) | sequence (the
+    trace's mean) | sum (the trace's sum) | centered (the token minus its trace's mean) | min (the
+    trace's worst token), or a registered one (nemo_dcod.losses.variants)."""
     base: str = "ce"
     """The per-token loss the weights multiply: ce (-lq) | kl (top-k forward KL; needs score's top-k)."""
     tau: float = 1.0
@@ -78,6 +93,11 @@ class DisCorDLoss:
     optimizer step's whole global batch, carried in checkpoints; a step's gradient does not depend
     on how its batch is split, the first step of a run has λ = 0) | micro_batch (each micro-batch's
     own, reduced over data-parallel ranks)."""
+    ess_floor: float = 0.0
+    """The ESS guard, a fallback toward SFT when the weights degenerate: > 0 caps λ so that the
+    weights' effective sample size (Σw)²/(nΣw²) on the statistics' batch (the previous step's)
+    stays >= ess_floor, λ <= sqrt((1/ess_floor - 1) / (1/ESS_gate - 1)); metrics.jsonl logs
+    guard_scale (λ used / λ scheduled, < 1 when it acts); 0: off."""
     fused: bool = True
     """Compute Δ, gate, weights and diagnostics in one pure function with device scalars
     (torch.compile on GPUs: a few kernels instead of a chain of small ones and host syncs; eager on
@@ -106,6 +126,8 @@ class DisCorDLoss:
             out.append(f"tau={self.tau}: must be > 0.")
         if not self.clip > 0:
             out.append(f"clip={self.clip}: must be > 0.")
+        if not 0 <= self.ess_floor < 1:
+            out.append(f"ess_floor={self.ess_floor}: must be in [0, 1) (0: no guard).")
         if self.window < 1:
             out.append(f"window={self.window}: must be >= 1 token.")
         if not 0 <= self.lambda_max <= 1:
@@ -132,6 +154,22 @@ class DisCorDLoss:
             return self.lambda_max
         return self.lambda_max * min(1.0, (step - warm + 1) / ramp)
 
+    def guard(self, lam: Tensor, g_mean: Tensor, g_sq_mean: Tensor | None) -> Tensor:
+        """λ after the ESS guard (see ``ess_floor``): ``lam`` itself when off or unmeasured.
+
+        Args:
+            lam: 0-dim float64 scheduled λ. g_mean: 0-dim ḡ. g_sq_mean: 0-dim mean of g² over the
+                same batch, or None (not measured: no guard).
+        """
+        import torch
+
+        if self.ess_floor <= 0 or g_sq_mean is None:
+            return lam
+        g_bar = torch.where(g_mean > 0, g_mean, torch.ones_like(g_mean))  # as the weights use it
+        spread = g_sq_mean / (g_bar * g_bar) - 1.0  # Var(g / ḡ) = 1 / ESS_gate - 1
+        cap = torch.sqrt((1.0 / self.ess_floor - 1.0) / spread.clamp_min(1e-30))
+        return torch.where(spread > 0, torch.minimum(lam, cap.to(lam.dtype)), lam)
+
     def delta(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
         """Δ of the configured variant and whether its raw value was clipped: both ``[B, S]``."""
         from nemo_dcod.losses.weights import log_ratio
@@ -149,7 +187,7 @@ class DisCorDLoss:
     def weight_stats(self, micro_batches: list[LossInputs], group: ProcessGroup | None) -> WeightStats:
         """b and ḡ over all ``micro_batches`` of this rank and all ranks of ``group``.
 
-        One all-reduce for (Σ m Δ, Σ m); a second for Σ m g once b is known. Call it on the step's
+        One all-reduce for (Σ m Δ, Σ m); a second for Σ m g and Σ m g² once b is known. Call it on the step's
         micro-batches (a forward-only pre-pass) for statistics exact over the global batch.
         """
         import torch
@@ -167,12 +205,17 @@ class DisCorDLoss:
         )
         n = max(float(count), 1.0)
         provisional = WeightStats(delta_mean=float(delta_sum) / n, g_mean=1.0)
-        (g_sum,) = all_reduce_sum(
-            [sum((masked(self.gate(d, provisional), m).sum() for d, m in deltas), torch.zeros(()))],
+        gates = [(self.gate(d, provisional), m) for d, m in deltas]
+        g_sum, g_sq_sum = all_reduce_sum(
+            [
+                sum((masked(g, m).sum() for g, m in gates), torch.zeros(())),
+                sum((masked(g * g, m).sum() for g, m in gates), torch.zeros(())),
+            ],
             group,
         )
         g_mean = float(g_sum) / n if float(count) > 0 else 1.0
-        return WeightStats(delta_mean=provisional.delta_mean, g_mean=g_mean)
+        g_sq_mean = float(g_sq_sum) / n if float(count) > 0 else 1.0
+        return WeightStats(delta_mean=provisional.delta_mean, g_mean=g_mean, g_sq_mean=g_sq_mean)
 
     def __call__(self, inputs: LossInputs, ctx: LossContext) -> LossOutput:
         """``(Σ_t m_t w_t ℓ_t, Σ_t m_t, metrics)`` for one micro-batch."""
@@ -187,7 +230,7 @@ class DisCorDLoss:
         if self.fused:
             return self._fused_call(inputs, mask, ctx)
         delta, clipped = self.delta(inputs)
-        lam = self.lam(ctx.step, ctx.total_steps)
+        scheduled = self.lam(ctx.step, ctx.total_steps)
         if ctx.stats is not None:
             stats = ctx.stats
         elif ctx.stats_pending:  # carried statistics, none yet: plain SFT (see LossContext)
@@ -195,14 +238,36 @@ class DisCorDLoss:
         else:
             stats = self.weight_stats([inputs], ctx.dp_group)
         if ctx.stats_pending:
-            lam = 0.0
+            scheduled = 0.0
+        f64 = torch.float64
+        g_sq = None if stats.g_sq_mean is None else torch.tensor(stats.g_sq_mean, dtype=f64)
+        lam = float(
+            self.guard(torch.tensor(scheduled, dtype=f64), torch.tensor(stats.g_mean, dtype=f64), g_sq)
+        )
         g = self.gate(delta, stats)
         g_mean = stats.g_mean if stats.g_mean > 0 else 1.0
         weights = mix_weights(g, g_mean, lam).detach()
         loss_sum = masked(weights * self._per_token(inputs), mask).sum()
         metrics = weight_sums(weights, mask, delta=delta, clipped=clipped, g=g)
-        metrics["lambda"] = torch.tensor(lam, dtype=torch.float64)
+        metrics.update(self._lambda_metrics(torch.tensor(lam, dtype=f64), scheduled, g, mask))
         return loss_sum, mask.sum(), metrics
+
+    def _lambda_metrics(self, lam: Tensor, scheduled: float, g: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """λ used, λ scheduled, the guard's ratio of the two (1: it did not act), and Σ m g² (float64)."""
+        import torch
+
+        from nemo_dcod.losses.types import masked
+
+        f64 = torch.float64
+        lam = lam.to(f64)
+        sched = torch.tensor(scheduled, dtype=f64, device=lam.device)
+        g64 = g.detach().to(f64)
+        return {
+            "lambda": lam,
+            "lambda_scheduled": sched,
+            "guard_scale": torch.where(sched > 0, lam / sched.clamp_min(1e-300), torch.ones_like(sched)),
+            "g_sq_sum": masked(g64 * g64, mask).sum(),
+        }
 
     def _per_token(self, inputs: LossInputs) -> Tensor:
         """ℓ_t of the base loss, ``[B, S]`` (carries the gradient)."""
@@ -217,51 +282,58 @@ class DisCorDLoss:
         """The step-by-step path's result from the fused chain (``inputs`` already sanitized)."""
         import torch
 
-        from nemo_dcod.losses.types import masked
+        from nemo_dcod.losses.types import WeightStats, masked
         from nemo_dcod.losses.weights import fused, token_weight_chain, weight_chain
 
         assert inputs.teacher_logprobs is not None
         lq = inputs.student_logprobs.detach()
         dev, dtype = lq.device, lq.dtype
-        lam = 0.0 if ctx.stats_pending else self.lam(ctx.step, ctx.total_steps)
+        scheduled = 0.0 if ctx.stats_pending else self.lam(ctx.step, ctx.total_steps)
 
-        def scalar(x: float) -> Tensor:
-            return torch.tensor(x, dtype=dtype, device=dev)
+        def scalar(x: float, kind: torch.dtype = dtype) -> Tensor:
+            return torch.tensor(x, dtype=kind, device=dev)
 
+        f64 = torch.float64
         if ctx.stats is not None or ctx.stats_pending:
-            b, g_bar = (0.0, 1.0) if ctx.stats is None else (ctx.stats.delta_mean, ctx.stats.g_mean)
-            center, g_mean = scalar(b if self.center else 0.0), scalar(g_bar)
+            stats = ctx.stats if ctx.stats is not None else WeightStats(delta_mean=0.0, g_mean=1.0)
+            center, g_mean = scalar(stats.delta_mean if self.center else 0.0), scalar(stats.g_mean)
+            g_sq = None if stats.g_sq_mean is None else scalar(stats.g_sq_mean, f64)
+            lam = self.guard(scalar(scheduled, f64), scalar(stats.g_mean, f64), g_sq)
         if self.variant == "token" and (ctx.stats is not None or ctx.stats_pending):
             # The plug-in's default (carried statistics): one function from the log-probs on.
-            weights, _, _, sums = fused(token_weight_chain, dev)(
-                lq, inputs.teacher_logprobs, mask, scalar(lam), center, g_mean, self.clip, self.tau
+            weights, _, g, sums = fused(token_weight_chain, dev)(
+                lq, inputs.teacher_logprobs, mask, lam.to(dtype), center, g_mean, self.clip, self.tau
             )
         else:
             delta, clipped = self.delta(inputs)
             if ctx.stats is None and not ctx.stats_pending:
-                center, g_mean = self._device_stats(delta, mask, ctx)
-            weights, _, sums = fused(weight_chain, dev)(
-                delta, clipped, mask, scalar(lam), center, g_mean, self.tau
+                center, g_mean, g_sq_mean = self._device_stats(delta, mask, ctx)
+                lam = self.guard(scalar(scheduled, f64), g_mean.to(f64), g_sq_mean)
+            weights, g, sums = fused(weight_chain, dev)(
+                delta, clipped, mask, lam.to(dtype), center, g_mean, self.tau
             )
         loss_sum = masked(weights * self._per_token(inputs), mask).sum()
         keys = ("tokens", "weight_sum", "weight_sq_sum", "delta_sum", "delta_sq_sum", "clipped_count")
         metrics = dict(zip((*keys, "g_sum", "weight_hist"), sums, strict=True))
-        metrics["lambda"] = torch.tensor(lam, dtype=torch.float64)
+        metrics.update(self._lambda_metrics(lam, scheduled, g, mask))
         return loss_sum, mask.sum(), metrics
 
-    def _device_stats(self, delta: Tensor, mask: Tensor, ctx: LossContext) -> tuple[Tensor, Tensor]:
-        """b and ḡ of this micro-batch over ``ctx.dp_group`` as 0-dim device tensors, without a
-        host sync; the values of :meth:`weight_stats` on ``[inputs]``."""
+    def _device_stats(self, delta: Tensor, mask: Tensor, ctx: LossContext) -> tuple[Tensor, Tensor, Tensor]:
+        """b, ḡ (in Δ's dtype) and the mean of g² (float64) of this micro-batch over ``ctx.dp_group``
+        as 0-dim device tensors, without a host sync; the values of :meth:`weight_stats` on ``[inputs]``."""
         import torch
 
         from nemo_dcod.losses.types import masked
-        from nemo_dcod.losses.weights import all_reduce_sum, fused, gate_sum
+        from nemo_dcod.losses.weights import all_reduce_sum, fused, gate_sum, sigmoid_gate
 
         delta_sum, count = all_reduce_sum([masked(delta, mask).sum(), mask.sum()], ctx.dp_group)
         n = count.clamp_min(1.0)
         center = (delta_sum / n if self.center else torch.zeros_like(n)).to(delta.dtype)
-        (g_sum,) = all_reduce_sum(
-            [fused(gate_sum, delta.device)(delta, mask, center, self.tau)], ctx.dp_group
+        g = sigmoid_gate(delta, center, self.tau).to(torch.float64)
+        g_sum, g_sq_sum = all_reduce_sum(
+            [fused(gate_sum, delta.device)(delta, mask, center, self.tau), masked(g * g, mask).sum()],
+            ctx.dp_group,
         )
         g_mean = torch.where(count > 0, g_sum / n, torch.ones_like(g_sum))
-        return center, g_mean.to(delta.dtype)
+        g_sq_mean = torch.where(count > 0, g_sq_sum / n, torch.ones_like(g_sq_sum))
+        return center, g_mean.to(delta.dtype), g_sq_mean

@@ -66,10 +66,14 @@ class WeightStats:
     Attributes:
         delta_mean: the global masked mean of Δ (the centring ``b``); only read when centring.
         g_mean: the global masked mean of g = sigmoid((Δ - b)/τ), i.e. ḡ.
+        g_sq_mean: the global masked mean of g²: with ḡ, the gate's effective sample size
+            ḡ² / mean(g²), which DisCorD's ESS guard (``ess_floor``) reads; None: not measured
+            (the guard then leaves λ alone).
     """
 
     delta_mean: float
     g_mean: float
+    g_sq_mean: float | None = None
 
 
 @dataclass

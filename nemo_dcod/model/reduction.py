@@ -50,7 +50,8 @@ class CarriedStats:
     that the re-instantiated models share (:func:`carried_stats`).
 
     Attributes:
-        stats: the previous step's global statistics; None before the first step.
+        stats: the previous step's global statistics (b, ḡ, and the mean of g² that DisCorD's ESS
+            guard reads); None before the first step.
         ready: ``stats.g_mean`` was measured with the ``b`` the next step gates with (not so after
             a first step that had no b to centre with: one more step runs with λ = 0).
     """
@@ -167,8 +168,11 @@ class DistillLossReduction(MegatronLossReduction):
             # ḡ is usable if this step's gate had its b: always without centring; with it, once
             # a b was carried into this step.
             gated_with_b = self.carried.stats is not None or not getattr(self.loss, "center", False)
+            g_sq = step.get("g_sq_sum")  # for DisCorD's ESS guard (the gate's ESS with ḡ)
             self.carried.stats = WeightStats(
-                delta_mean=float(step["delta_mean"]), g_mean=float(step["g_mean"])
+                delta_mean=float(step["delta_mean"]),
+                g_mean=float(step["g_mean"]),
+                g_sq_mean=float(g_sq) / max(float(step["tokens"]), 1.0) if g_sq is not None else None,
             )
             self.carried.ready = gated_with_b
         mean = totals[0] / totals[1].clamp(min=1.0)

@@ -64,11 +64,11 @@ def _from_last_stage(payload: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 class CarryWeightStats(pl.Callback, io.IOMixin):
-    """DisCorD's carried statistics (b, ḡ of the previous step) on every rank, and in checkpoints.
+    """DisCorD's carried statistics (b, ḡ, mean g² of the previous step) on every rank, and in checkpoints.
 
     The training reduction measures them on the last pipeline stage
     (:class:`~nemo_dcod.model.reduction.CarriedStats`). After each step they are broadcast over
-    the pipeline group (three floats), so every rank, global rank 0 included, holds them when
+    the pipeline group (five floats), so every rank, global rank 0 included, holds them when
     Lightning's checkpoint callbacks run (those run after every other callback); they are saved
     with the checkpoint's common state and put back on resume, so a resumed run weighs its next
     step exactly as the uninterrupted run did.
@@ -95,8 +95,9 @@ class CarryWeightStats(pl.Callback, io.IOMixin):
 
         carried = self._carried()
         if self._restored and carried is not None:
-            carried.stats = WeightStats(self._restored["delta_mean"], self._restored["g_mean"])
-            carried.ready = bool(self._restored["ready"])
+            r = self._restored
+            carried.stats = WeightStats(r["delta_mean"], r["g_mean"], r.get("g_sq_mean"))
+            carried.ready = bool(r["ready"])
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -111,10 +112,15 @@ class CarryWeightStats(pl.Callback, io.IOMixin):
         if carried is None or parallel_state.get_pipeline_model_parallel_world_size() == 1:
             return
         stats = carried.stats
+        nan = float("nan")  # g_sq_mean not measured
         box = torch.tensor(
-            [float(stats is not None), float(carried.ready), *(stats.delta_mean, stats.g_mean)]
+            [
+                float(stats is not None),
+                float(carried.ready),
+                *(stats.delta_mean, stats.g_mean, nan if stats.g_sq_mean is None else stats.g_sq_mean),
+            ]
             if stats is not None
-            else [0.0, 0.0, 0.0, 0.0],
+            else [0.0, 0.0, 0.0, 0.0, nan],
             dtype=torch.float64,
             device="cuda" if torch.cuda.is_available() else "cpu",
         )
@@ -124,7 +130,10 @@ class CarryWeightStats(pl.Callback, io.IOMixin):
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
         if float(box[0]) > 0:
-            carried.stats = WeightStats(delta_mean=float(box[2]), g_mean=float(box[3]))
+            g_sq = float(box[4])
+            carried.stats = WeightStats(
+                delta_mean=float(box[2]), g_mean=float(box[3]), g_sq_mean=None if math.isnan(g_sq) else g_sq
+            )
             carried.ready = bool(box[1])
 
     def state_dict(self) -> dict[str, Any]:
@@ -133,12 +142,17 @@ class CarryWeightStats(pl.Callback, io.IOMixin):
         if carried is None or carried.stats is None:
             return {}
         s = carried.stats
-        return {"delta_mean": s.delta_mean, "g_mean": s.g_mean, "ready": float(carried.ready)}
+        state = {"delta_mean": s.delta_mean, "g_mean": s.g_mean, "ready": float(carried.ready)}
+        if s.g_sq_mean is not None:
+            state["g_sq_mean"] = s.g_sq_mean
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Statistics from a checkpoint, applied at train start."""
+        """Statistics from a checkpoint, applied at train start (``g_sq_mean``: absent in older ones)."""
         keys = ("delta_mean", "g_mean", "ready")
         self._restored = {k: float(state_dict[k]) for k in keys} if state_dict else None
+        if self._restored is not None and "g_sq_mean" in state_dict:
+            self._restored["g_sq_mean"] = float(state_dict["g_sq_mean"])
 
 
 class MetricsCallback(pl.Callback, io.IOMixin):
