@@ -101,9 +101,35 @@ def student_dir(cfg: StudyConfig, seed: int, section: dict[str, Any]) -> Path:
     return Path(cfg.run_dir).resolve() / "students" / f"seed_{seed}" / f"{label_of(section)}-{_key(content)}"
 
 
+def _lock(run_dir: Path) -> Any:
+    """Hold ``run_dir``'s lock for this process's life: one study at a time plans and runs in a folder
+    (a second would take the first's unfinished folders for abandoned ones and redo them).
+
+    Raises:
+        StudyError: another study holds it.
+    """
+    import fcntl
+
+    handle = (run_dir / "study.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise StudyError(
+            f"run_dir={run_dir}: another study is running there ({handle.read().strip() or 'pid unknown'}); "
+            "wait for it to finish (finished students are then reused), or use another run_dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def _claim(run_dir: Path, name: str) -> None:
     """Make ``run_dir`` a study's folder; refuse one that holds something else."""
-    foreign = run_dir.exists() and any(p.name not in (MARKER, "demo.json") for p in run_dir.iterdir())
+    mine = (MARKER, "demo.json", "study.lock")
+    foreign = run_dir.exists() and any(p.name not in mine for p in run_dir.iterdir())
     if foreign and not (run_dir / MARKER).is_file():
         raise StudyError(
             f"run_dir={run_dir} exists, is not empty and holds no {MARKER} (not a study's folder): "
@@ -218,6 +244,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     res = cfg.resolved()
     run_dir = Path(res.run_dir).resolve()
     _claim(run_dir, res.name)
+    lock = _lock(run_dir)
     config_path = run_dir / "configs" / f"{res.name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(f"# nemo-dcod study --config {config_path}\n" + to_yaml(res))
@@ -237,6 +264,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
             missing.append(f"{label_of(section)} seed {seed}: {outcome.get(name, 'not run')}".split("\n")[0])
     preps = {seed: read_prep(seed_dir(res, seed)) for seed in res.seeds}
     summary = _report(res, summaries, preps, missing, provenance(started, date, load), run_dir, log)
+    lock.close()
     failed = {name: text for name, text in outcome.items() if text != "done"}
     if failed:
         details = "\n".join(f"- {name}: {text}" for name, text in failed.items())

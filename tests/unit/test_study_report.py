@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,14 @@ def test_study_config_reports_every_problem_at_once() -> None:
     assert (long.task.num_ops, long.task.shortcut_prob, long.task.seq_length) == (8, 0.0, 160)
     assert (long.task.num_train_problems, long.training.steps, long.start.warm_steps) == (300, 8, 8)
     assert long.start.lengths(8) == [1, 2, 3, 4] and long.start.lengths(3) == [1, 2]
+
+
+def test_one_study_at_a_time_per_run_dir(tmp_path: Path) -> None:
+    from nemo_dcod.study.config import StudyError
+    from nemo_dcod.study.run import _lock
+
+    held = _lock(tmp_path)
+    with pytest.raises(StudyError, match=f"another study is running there \\(pid {os.getpid()}\\)"):
+        _lock(tmp_path)
+    held.close()
+    _lock(tmp_path).close()  # released: the next study may start
