@@ -55,6 +55,12 @@ _STAGE_SPECS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
         "nemo_dcod.eval.run:run_eval",
         ("nemo_dcod.eval.config:EvalError", "builtins:ImportError"),
     ),
+    "generate": (
+        "problems x a teacher (transformers or vLLM) -> graded traces with its per-token log-probs",
+        "nemo_dcod.generate.config:GenerateConfig",
+        "nemo_dcod.generate.run:run_generate",
+        ("nemo_dcod.generate.config:GenerateError",),
+    ),
     "prepare": (
         "traces (JSONL, Parquet, saved HF dataset) -> packed, sharded sample store",
         "nemo_dcod.data.config:PrepareConfig",
@@ -88,6 +94,7 @@ DRY_RUNS: dict[str, str] = {
     "prepare": "nemo_dcod.data.dry_run:dry_run_prepare",
     "score": "nemo_dcod.score.dry_run:dry_run_score",
     "train": "nemo_dcod.train.dry_run:dry_run_train",
+    "generate": "nemo_dcod.generate.plan:dry_run_generate",
 }
 # Dry-run options -> the dry runs that take them.
 _DRY_RUN_OPTIONS: dict[str, tuple[str, ...]] = {

@@ -12,16 +12,28 @@ silently and differ from vLLM). Greedy is ``temperature=0``. The checkpoint's ow
 from the eval config.
 
 A completion stops at any end-of-sequence id of the checkpoint's generation config or of its
-tokenizer (an instruct model's end-of-turn token is one); ``finish_reason`` is ``stop`` then, and
-``length`` when ``max_new_tokens`` ran out first.
+tokenizer (an instruct model's end-of-turn token is one), or once its text contains one of the
+sampling's ``stop`` strings (kept in the text, with the rest of the token that completed it);
+``finish_reason`` is ``stop`` then, and ``length`` when ``max_new_tokens`` ran out first.
+
+**Sampled-token log-probs** (``SamplingParams.logprobs``, what ``nemo-dcod generate`` records):
+the log-probability of each generated token under the model's *untempered* distribution,
+``log_softmax(raw logits)[token]``, whatever temperature and top-p drew it, in fp32.
+transformers: a logits processor placed before the sampling warpers (temperature, top-p: those
+come after every user processor) keeps each step's ``log_softmax`` of the raw fp32 logits, one
+``[B, V]`` buffer, and gathers it at the token sampled from it on the next step. The checkpoint's
+``generation_config.json`` is not merged into the sampling settings (``use_model_defaults=False``),
+so no penalty or warper of its own reaches the logits first. vLLM: ``SamplingParams(logprobs=0)``
+(the sampled token's only) from an engine built with ``logprobs_mode="raw_logprobs"``.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -33,6 +45,7 @@ __all__ = [
     "TransformersGenerator",
     "VLLMGenerator",
     "encode_prompts",
+    "finish_completion",
     "load_tokenizer",
     "resolve_backend",
     "stop_token_ids",
@@ -49,6 +62,10 @@ class SamplingParams:
     num_samples: int = 1
     max_new_tokens: int = 1024
     seed: int = 0
+    stop: tuple[str, ...] = ()
+    """Strings that end a completion (kept in it); empty: end-of-sequence ids only."""
+    logprobs: bool = False
+    """Record each generated token's log-prob under the untempered distribution."""
 
     @property
     def greedy(self) -> bool:
@@ -64,7 +81,20 @@ class Completion:
     num_tokens: int
     """Generated tokens, the end-of-sequence token not counted."""
     finish_reason: Literal["stop", "length"]
-    """stop: an end-of-sequence token; length: max_new_tokens reached."""
+    """stop: an end-of-sequence token or a stop string; length: max_new_tokens reached."""
+    token_ids: tuple[int, ...] = ()
+    """The generated tokens, the end-of-sequence token not included (``num_tokens`` of them)."""
+    logprobs: tuple[float, ...] | None = None
+    """Per ``token_ids`` entry, log p(token) under the untempered distribution (with
+    ``SamplingParams.logprobs``; else None)."""
+    stop_token_id: int | None = None
+    """The end-of-sequence id that ended the completion; None for a stop string or the length."""
+    stop_logprob: float | None = None
+    """That id's log-prob (with ``SamplingParams.logprobs``)."""
+
+
+BatchCallback = Callable[[int, int], None]
+"""Called after each generated batch with (sequences, generated tokens) of that batch."""
 
 
 class Generator(Protocol):
@@ -73,10 +103,123 @@ class Generator(Protocol):
     name: str
 
     def generate(
-        self, prompt_ids: Sequence[list[int]], params: SamplingParams, desc: str = ""
+        self,
+        prompt_ids: Sequence[list[int]],
+        params: SamplingParams,
+        desc: str = "",
+        on_batch: BatchCallback | None = None,
     ) -> list[list[Completion]]: ...
 
     def close(self) -> None: ...
+
+
+def _first_stop_string(tokens: Sequence[int], stop: Sequence[str], decode: Callable[[list[int]], str]) -> int:
+    """The number of leading tokens whose text first contains a stop string, or -1 if none does.
+
+    A binary search over prefixes (their texts only grow), so O(log n) decodes, not n.
+    """
+    if not stop or not any(s in decode(list(tokens)) for s in stop):
+        return -1
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in decode(list(tokens[:mid])) for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def finish_completion(
+    tokens: Sequence[int],
+    logprobs: Sequence[float] | None,
+    stop_ids: Sequence[int],
+    stop: Sequence[str],
+    decode: Callable[[list[int]], str],
+    text_decode: Callable[[list[int]], str] | None = None,
+) -> Completion:
+    """A :class:`Completion` from a row of generated tokens: cut at the first end-of-sequence id or
+    stop string (whichever ends first), else the whole row (``length``).
+
+    Args:
+        tokens: the generated ids (after a batch's end, a finished row carries padding).
+        logprobs: their log-probs, or None.
+        stop_ids: end-of-sequence ids.
+        stop: stop strings.
+        decode: ids -> text as the stop strings are matched (special tokens kept).
+        text_decode: ids -> the completion's ``text``; default ``decode``.
+    """
+    stops = set(stop_ids)
+    eos = next((t for t, tok in enumerate(tokens) if tok in stops), None)
+    head = list(tokens if eos is None else tokens[:eos])
+    cut = _first_stop_string(head, stop, decode)
+    if cut >= 0:
+        kept, reason, stop_id, stop_lp = head[:cut], "stop", None, None
+    elif eos is not None:
+        kept, reason, stop_id = head, "stop", int(tokens[eos])
+        stop_lp = None if logprobs is None else float(logprobs[eos])
+    else:
+        kept, reason, stop_id, stop_lp = head, "length", None, None
+    text = (text_decode or decode)(kept)
+    lps = None if logprobs is None else tuple(float(x) for x in logprobs[: len(kept)])
+    finish: Literal["stop", "length"] = "stop" if reason == "stop" else "length"
+    return Completion(text, len(kept), finish, tuple(int(t) for t in kept), lps, stop_id, stop_lp)
+
+
+def _stop_string_criterion(stop: Sequence[str], width: int, decode: Callable[[list[int]], str]) -> Any:
+    """A transformers ``StoppingCriteria``: a row is done once the text of its last generated tokens
+    holds a stop string.
+
+    transformers' own ``stop_strings`` needs a tokenizer whose vocabulary it can clean (it fails on
+    word-level ones); this decodes a window of the row's newest tokens instead, as many as the
+    longest stop string has characters (+2), which covers it whenever each token writes a
+    character. :func:`finish_completion` then cuts the row at the same place.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    window = max(len(s) for s in stop) + 2
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            tails = input_ids[:, width:][:, -window:].tolist()
+            done = [any(s in decode(tail) for s in stop) for tail in tails]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopStrings()
+
+
+def _sampled_logprob_recorder() -> Any:
+    """A transformers ``LogitsProcessor`` that records log p(sampled token) under the raw logits.
+
+    Called once per step with the step's raw fp32 logits ``[B, V]`` (it must come before every
+    processor that changes them); keeps their ``log_softmax`` and, on the next call, gathers it at
+    the token that was drawn (the last column of ``input_ids``). :meth:`finish` adds the last
+    step's and returns ``[B, T]``.
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    class SampledLogprobs(LogitsProcessor):
+        def __init__(self) -> None:
+            self.last: torch.Tensor | None = None
+            self.values: list[torch.Tensor] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.last is not None:
+                self.values.append(self.last.gather(1, input_ids[:, -1:]))
+            self.last = torch.log_softmax(scores.float(), dim=-1)
+            return scores
+
+        def finish(self, generated: torch.Tensor) -> torch.Tensor:
+            """``[B, T]`` log-probs of ``generated`` ``[B, T]`` (the new tokens only)."""
+            if self.last is not None and generated.shape[1] > len(self.values):
+                self.values.append(self.last.gather(1, generated[:, -1:].to(self.last.device)))
+            if not self.values:
+                return torch.zeros(generated.shape, dtype=torch.float32)
+            return torch.cat(self.values, dim=1).float().cpu()
+
+    return SampledLogprobs()
 
 
 def vllm_available() -> bool:
@@ -214,6 +357,10 @@ class TransformersGenerator:
         self.stop_ids = list(stop_ids)
         self.batch_size = batch_size
         self.progress = progress
+        # Sampling settings come from SamplingParams alone: transformers >= 4.50 would otherwise
+        # take any setting left at its default from the checkpoint's generation_config.json.
+        accepted = inspect.signature(self.model.generate).parameters
+        self._no_model_defaults = {"use_model_defaults": False} if "use_model_defaults" in accepted else {}
 
     def _generation_config(self, params: SamplingParams) -> Any:
         from transformers import GenerationConfig
@@ -235,7 +382,11 @@ class TransformersGenerator:
         )
 
     def generate(
-        self, prompt_ids: Sequence[list[int]], params: SamplingParams, desc: str = ""
+        self,
+        prompt_ids: Sequence[list[int]],
+        params: SamplingParams,
+        desc: str = "",
+        on_batch: BatchCallback | None = None,
     ) -> list[list[Completion]]:
         """``params.num_samples`` completions for each prompt, in prompt order."""
         import torch
@@ -247,7 +398,6 @@ class TransformersGenerator:
         jobs.sort(key=lambda job: -len(prompt_ids[job[0]]))
         out: list[list[Completion | None]] = [[None] * params.num_samples for _ in prompt_ids]
         pad = self.tokenizer.pad_token_id
-        stop = set(self.stop_ids)
         bar = tqdm(total=len(jobs), desc=desc, unit="seq", disable=not self.progress)
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
@@ -258,21 +408,46 @@ class TransformersGenerator:
                 ids = prompt_ids[i]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids) :] = 1
+            recorder = _sampled_logprob_recorder() if params.logprobs else None
             with torch.no_grad():
                 generated = self.model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),
                     generation_config=config,
+                    logits_processor=[recorder] if recorder is not None else None,
+                    stopping_criteria=[_stop_string_criterion(params.stop, width, self._decode_all)]
+                    if params.stop
+                    else None,
+                    **self._no_model_defaults,
                 )
+            new_tokens = generated[:, width:]
+            logprobs = recorder.finish(new_tokens).tolist() if recorder is not None else None
+            rows = new_tokens.tolist()
+            tokens_out = 0
             for row, (i, j) in enumerate(batch):
-                tokens = generated[row, width:].tolist()
-                end = next((t for t, tok in enumerate(tokens) if tok in stop), None)
-                kept = tokens if end is None else tokens[:end]
-                text = self.tokenizer.decode(kept, skip_special_tokens=True)
-                out[i][j] = Completion(text, len(kept), "length" if end is None else "stop")
+                completion = finish_completion(
+                    rows[row],
+                    None if logprobs is None else logprobs[row],
+                    self.stop_ids,
+                    params.stop,
+                    self._decode_all,
+                    self._decode_text,
+                )
+                tokens_out += completion.num_tokens
+                out[i][j] = completion
             bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(len(batch), tokens_out)
         bar.close()
         return [[c for c in row if c is not None] for row in out]
+
+    def _decode_all(self, ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return text
+
+    def _decode_text(self, ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text
 
     def close(self) -> None:
         import torch
@@ -300,24 +475,42 @@ class VLLMGenerator:
         seed: int = 0,
         progress: bool = True,
         trust_remote_code: bool = False,
+        raw_logprobs: bool = False,
     ) -> None:
         from vllm import LLM
 
-        self.llm = LLM(
-            model=model_path,
-            tokenizer=tokenizer_path,
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-        )
+        # Sampled-token log-probs from the raw logits (before temperature / top-p), not the
+        # processed distribution they were drawn from; an engine-wide setting (vLLM >= 0.10.2).
+        extra: dict[str, Any] = {"logprobs_mode": "raw_logprobs"} if raw_logprobs else {}
+        try:
+            self.llm = LLM(
+                model=model_path,
+                tokenizer=tokenizer_path,
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+                **extra,
+            )
+        except TypeError as exc:
+            if raw_logprobs and "logprobs_mode" in str(exc):
+                raise ImportError(
+                    "this vLLM has no logprobs_mode (raw log-probs of the untempered distribution): "
+                    "install vllm>=0.10.2."
+                ) from exc
+            raise
+        self.tokenizer = self.llm.get_tokenizer()
         self.stop_ids = list(stop_ids)
         self.progress = progress
 
     def generate(
-        self, prompt_ids: Sequence[list[int]], params: SamplingParams, desc: str = ""
+        self,
+        prompt_ids: Sequence[list[int]],
+        params: SamplingParams,
+        desc: str = "",
+        on_batch: BatchCallback | None = None,
     ) -> list[list[Completion]]:
         """``params.num_samples`` completions for each prompt, in prompt order."""
         from vllm import SamplingParams as VLLMSamplingParams
@@ -329,6 +522,9 @@ class VLLMGenerator:
             max_tokens=params.max_new_tokens,
             seed=params.seed,
             stop_token_ids=self.stop_ids,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=True,
+            logprobs=0 if params.logprobs else None,  # 0: the sampled token's only
             skip_special_tokens=True,
         )
         started = time.perf_counter()
@@ -337,15 +533,31 @@ class VLLMGenerator:
         if self.progress and desc:
             print(f"{desc}: {len(prompt_ids)} prompts in {time.perf_counter() - started:.1f} s")
         result: list[list[Completion]] = []
+        tokens_out = 0
         for request in outputs:
             row = []
             for o in request.outputs:
                 ids = list(o.token_ids)
-                if ids and ids[-1] in self.stop_ids:
-                    ids = ids[:-1]
-                row.append(Completion(o.text, len(ids), "stop" if o.finish_reason == "stop" else "length"))
+                lps = None
+                if params.logprobs:
+                    lps = [float(step[tok].logprob) for step, tok in zip(o.logprobs, ids, strict=True)]
+                completion = finish_completion(
+                    ids, lps, self.stop_ids, params.stop, self._decode_all, self._decode_text
+                )
+                tokens_out += completion.num_tokens
+                row.append(completion)
             result.append(row)
+        if on_batch is not None:
+            on_batch(sum(len(r) for r in result), tokens_out)
         return result
+
+    def _decode_all(self, ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return text
+
+    def _decode_text(self, ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text
 
     def close(self) -> None:
         import torch

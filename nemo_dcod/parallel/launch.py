@@ -1,8 +1,13 @@
-"""Run a function on N local ranks joined by a gloo process group (CPU runs, the demo, benches).
+"""Run a function on N local ranks joined by a gloo process group (CPU runs, the demo, benches),
+and read which rank or worker a process is from its launcher's environment.
 
-Cluster launches go through ``launchers/`` (Slurm, torchrun); this is the in-process equivalent
-for one machine: it spawns fresh interpreters (no forked thread pools), joins them over TCP on
-loopback, and returns every rank's result or raises with the failing rank's traceback.
+Cluster launches go through ``launchers/`` (Slurm, torchrun); :func:`run_local` is the in-process
+equivalent for one machine: it spawns fresh interpreters (no forked thread pools), joins them over
+TCP on loopback, and returns every rank's result or raises with the failing rank's traceback.
+
+:func:`launcher_ranks` and :func:`worker_slot` are the one place the launchers' variables are
+parsed: torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``, srun's ``SLURM_PROCID`` /
+``SLURM_NTASKS`` / ``SLURM_LOCALID``, and a Slurm job array's ``SLURM_ARRAY_TASK_*``.
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["free_port", "run_local"]
+__all__ = ["WorkerSlot", "free_port", "launcher_ranks", "run_local", "worker_slot"]
 
 
 def free_port() -> int:
@@ -95,3 +101,75 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             if p.is_alive():
                 p.kill()
     return [outs[r] for r in range(world_size)]
+
+
+def launcher_ranks(env: Mapping[str, str] | None = None) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun or srun, or None when started plainly.
+
+    torchrun's ``RANK`` / ``WORLD_SIZE`` win; srun's ``SLURM_PROCID`` / ``SLURM_NTASKS`` count only
+    for a step of more than one task (a batch script's own shell has ``SLURM_PROCID=0`` too).
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    return None
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Which of ``count`` independent workers this process is (workers that share nothing but a
+    plan: each takes the units of work ``i`` with ``i % count == index``)."""
+
+    index: int
+    count: int
+    local_rank: int
+    """The process's rank on its node (picks its GPU); 0 when started plainly."""
+    source: str
+    """Where index and count came from, for the log (``torchrun``, ``srun``, ``slurm array``...)."""
+
+
+def _array_task(env: Mapping[str, str]) -> tuple[int, int] | None:
+    """(index, count) of a Slurm array task, or None outside an array.
+
+    Raises:
+        ValueError: an array whose task ids are not a regular range (``--array=1,4,9``).
+    """
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    task = int(env["SLURM_ARRAY_TASK_ID"])
+    first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    step = int(env.get("SLURM_ARRAY_TASK_STEP", "1")) or 1
+    if "SLURM_ARRAY_TASK_COUNT" in env:
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        count = (int(env.get("SLURM_ARRAY_TASK_MAX", str(task))) - first) // step + 1
+    index, off = divmod(task - first, step)
+    if off or not 0 <= index < count:
+        raise ValueError(
+            f"Slurm array task {task} (min {first}, step {step}, {count} tasks) is not on a regular "
+            "range: submit with --array=A-B[:step], or give the worker index and count explicitly."
+        )
+    return index, count
+
+
+def worker_slot(env: Mapping[str, str] | None = None) -> WorkerSlot:
+    """This process's worker index and count from its launcher (see the module docstring).
+
+    A job array of ``A`` tasks whose steps run ``R`` ranks each has ``A x R`` workers; array task
+    ``a``'s rank ``r`` is worker ``a x R + r``. Started plainly: worker 0 of 1.
+
+    Raises:
+        ValueError: an array without a regular range of task ids.
+    """
+    env = os.environ if env is None else env
+    array = _array_task(env)
+    ranks = launcher_ranks(env)
+    rank, world, local = ranks if ranks is not None else (0, 1, 0)
+    source = ("torchrun" if "RANK" in env and "WORLD_SIZE" in env else "srun") if ranks else ""
+    if array is None:
+        return WorkerSlot(rank, world, local, source or "not launched (one worker)")
+    a, count = array
+    where = "slurm array" + (f" x {source}" if source else "")
+    return WorkerSlot(a * world + rank, count * world, local, where)
