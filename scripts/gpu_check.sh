@@ -30,6 +30,7 @@ python=${PYTHON:-python}
 budget=${GPU_CHECK_SECONDS:-570}
 wheels=${GPU_WHEELS:-.gpu_wheels/wheels.tar.xz}
 mkdir -p "$work"
+export out work python wheels
 export PYTHONPATH=$PWD PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false DCOD_GPU_MEMORY_GIB=${DCOD_GPU_MEMORY_GIB:-130}
 t0=$(date +%s)
 summary=$out/summary.txt
@@ -48,7 +49,8 @@ step() {
   [ "$limit" -gt "$left" ] && limit=$left
   local s=$(date +%s)
   echo "=== $name (timeout ${limit} s)"
-  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+  # bash -c: the command may be one of the exported functions below.
+  timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   tail -n 25 "$out/$name.log"
   echo "$name: rc=$rc $(( $(date +%s) - s )) s" | tee -a "$summary"
@@ -90,6 +92,7 @@ EOF
   "$python" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/machine.txt"
 
+export -f install_wheels
 step install 180 install_wheels || { echo "install failed: see $out/install.log"; exit 1; }
 [ "$install_only" = 1 ] && exit 0
 
@@ -120,6 +123,7 @@ EOF
       "out_dir=$work/store_$name" || return 1
   done
 }
+export -f make_data
 step data 90 make_data
 
 step train_1b 240 "$python" bench/train_gpu.py --store "$work/store_train" --vocab 128256 --keep "$work/train_1b"
@@ -147,6 +151,7 @@ print(f"score bf16 vs fp32: {len(fp32)} rows, {d.size} loss tokens")
 print(f"RESULT score_bf16_vs_fp32 max_abs_dlogprob={d.max():.4g} mean_abs_dlogprob={d.mean():.4g}")
 EOF
 }
+export -f score_bf16_vs_fp32
 step score 150 score_bf16_vs_fp32
 
 step loss_gpu 90 "$python" bench/loss_gpu.py

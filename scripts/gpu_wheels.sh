@@ -10,7 +10,8 @@
 # tensorstore, onnx and pandas. They are carried as one xz-compressed tar of the same wheels made
 # smaller: test suites and test data, headers and Cython sources, pyarrow's Flight/Substrait
 # libraries, other platforms' CBC binaries in PuLP and leptonai's web UI assets removed, shared
-# libraries stripped of symbols (`strip --strip-unneeded`; ml_dtypes shrinks 24 -> 1.5 MB), stored
+# libraries stripped of symbols (`strip --strip-unneeded`; ml_dtypes shrinks 24 -> 1.5 MB; not the
+# auditwheel-vendored ones in <pkg>.libs/, which stripping breaks), stored
 # uncompressed so that xz sees the bytes. gpu_check.sh unpacks it and installs, with --no-deps
 # --no-index, only the distributions the machine does not already have.
 #
@@ -98,7 +99,10 @@ for wheel in sorted(raw.glob("*.whl")):
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
             for name in kept:
                 data = zin.read(name)
-                if re.search(r"\.so(\.[\d.]+)?$", name) and data[:4] == b"\x7fELF":
+                # Not the libraries auditwheel vendored into <pkg>.libs/: patchelf rewrote their
+                # headers, and strip leaves them unloadable (measured: scipy's OpenBLAS).
+                if (re.search(r"\.so(\.[\d.]+)?$", name) and data[:4] == b"\x7fELF"
+                        and not re.search(r"\.libs/", name)):
                     path = Path(tmp) / "lib.so"
                     path.write_bytes(data)
                     subprocess.run(["strip", "--strip-unneeded", str(path)], check=True)
