@@ -23,7 +23,6 @@ process is one rank. Otherwise ``trainer.devices`` processes are started on this
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,16 +36,6 @@ from nemo_dcod.score.plan import ScoreError, plan_scoring
 from nemo_dcod.score.ranks import score_rank
 
 __all__ = ["run_score"]
-
-
-def _launcher_ranks() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) from torchrun or srun, or None when started plainly."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
-    return None
 
 
 def run_score(cfg: ScoreConfig, on_write: WriteHook | None = None) -> dict[str, Any]:
@@ -65,7 +54,9 @@ def run_score(cfg: ScoreConfig, on_write: WriteHook | None = None) -> dict[str, 
     """
     import torch.distributed as dist
 
-    launched = _launcher_ranks()
+    from nemo_dcod.parallel.launch import launcher_ranks
+
+    launched = launcher_ranks()
     rank = launched[0] if launched else 0
     if launched is not None and launched[1] != cfg.world_size:
         raise ScoreError(
