@@ -2,7 +2,13 @@
 # sbatch slurm/distill_70b_to_8b.sh        (from the repository root, on the cluster's login node)
 #
 # DisCorD at cluster scale: a Llama-3.x-70B-Instruct teacher's traces distilled into a
-# Llama-3.1-8B student on 8xH100 nodes, in four jobs chained with `afterok` dependencies:
+# Llama-3.1-8B student on 8xH100 nodes, in four (five) jobs chained with `afterok` dependencies:
+#   0 generate  (only with generate in STAGES; a user who brings traces leaves it out) the teacher's
+#             traces of the problems of GENERATE_CONFIG (conf/generate_llama70b.yaml: GSM8K train,
+#             4 samples each, vLLM with TP=8 over a node's GPUs), one independent worker per node
+#             taking every GENERATE_NODES-th shard, each trace with the teacher's per-token log-probs
+#             and its verdict; the score job's prepare then reads them (inputs=$TRACES/traces/*.jsonl,
+#             PREPARE_CONFIG defaulting to conf/generate_llama70b_prepare.yaml)
 #   1 score   [prepare the traces into the packed store if PREPARE_CONFIG is set; import the
 #             teacher if TEACHER_HF is set] then the 70B teacher's log-probs (and top-k) of every
 #             trace token: TP=8 within a node, PP across nodes if SCORE_PP > 1, the remaining
@@ -21,7 +27,9 @@
 # `bash slurm/distill_70b_to_8b.sh` submits the same four jobs from the login node, without the
 # driver job. A failed stage cancels the stages after it (--kill-on-invalid-dep).
 #
-# Before submitting, the driver dry-runs prepare (with PREPARE_CONFIG), score and train as
+# Before submitting, the driver dry-runs generate (reads every problem, renders every prompt,
+# checks lengths against the teacher's context; loads no model), prepare (with PREPARE_CONFIG),
+# score and train as
 # configured (`--dry-run`: every check the job applies at start, against the store or, before it
 # exists, the store plan the earlier dry runs write; the parallel layout; a per-GPU memory estimate
 # against DCOD_GPU_MEMORY_GIB, 72 GiB of an 80 GB H100 by default) and stops on a problem. A stage the installed nemo-dcod does
@@ -40,6 +48,8 @@
 #   cluster    PARTITION, ACCOUNT, QOS (unset: the cluster's defaults), GPUS_PER_NODE (8; 0: CPU
 #              nodes with CPU_TASKS_PER_NODE ranks each), CPUS_PER_TASK, CONTAINER_IMAGE (pyxis,
 #              e.g. nvcr.io#nvidia/nemo:25.07; unset: none), CONTAINER_MOUNTS, STAGES
+#   0 generate GENERATE_CONFIG, GENERATE_TEACHER (a Hugging Face checkpoint directory; default
+#              TEACHER_HF), GENERATE_NODES, GENERATE_TIME, TRACES (its out_dir), GENERATE_OVERRIDES
 #   data       STORE (the packed store), PREPARE_CONFIG (+ PREPARE_OVERRIDES)
 #   1 score    TEACHER_NEMO, TEACHER_HF, SCORE_CONFIG, SCORE_NODES, SCORE_TP, SCORE_PP, SCORE_TIME,
 #              SCORE_OVERRIDES (more key=value words)
@@ -83,6 +93,13 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPU_TASKS_PER_NODE=${CPU_TASKS_PER_NODE:-1}
 CPUS_PER_TASK=${CPUS_PER_TASK:-8}
 CONTAINER_IMAGE=${CONTAINER_IMAGE:-} CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-}
+# 0 generate: vLLM holds the 70B teacher at TP=8 on one node; each node is an independent worker.
+GENERATE_CONFIG=${GENERATE_CONFIG:-conf/generate_llama70b.yaml}
+GENERATE_TEACHER=${GENERATE_TEACHER:-${TEACHER_HF:-/checkpoints/Llama-3.3-70B-Instruct}}
+GENERATE_NODES=${GENERATE_NODES:-2}
+GENERATE_TIME=${GENERATE_TIME:-12:00:00}
+TRACES=${TRACES:-$RUN_ROOT/traces}
+GENERATE_OVERRIDES=${GENERATE_OVERRIDES:-}
 # data
 STORE=${STORE:-$RUN_ROOT/store}
 PREPARE_CONFIG=${PREPARE_CONFIG:-}
@@ -120,12 +137,31 @@ EVAL_TIME=${EVAL_TIME:-04:00:00}
 EVAL_OVERRIDES=${EVAL_OVERRIDES:-}
 DCOD_TEST_ONLY=${DCOD_TEST_ONLY:-0}
 export RUN_ROOT LOG_DIR NEMO_DCOD STAGES ALLOW_MISSING_STAGES GPUS_PER_NODE CPU_TASKS_PER_NODE \
-  CPUS_PER_TASK CONTAINER_IMAGE CONTAINER_MOUNTS STORE PREPARE_CONFIG PREPARE_OVERRIDES TEACHER_NEMO \
+  CPUS_PER_TASK CONTAINER_IMAGE CONTAINER_MOUNTS GENERATE_CONFIG GENERATE_TEACHER GENERATE_NODES TRACES \
+  GENERATE_OVERRIDES STORE PREPARE_CONFIG PREPARE_OVERRIDES TEACHER_NEMO \
   TEACHER_HF SCORE_CONFIG SCORE_NODES SCORE_TP SCORE_PP SCORE_OVERRIDES TRAIN_CONFIG TRAIN_NODES STUDENT_NEMO STUDENT_HF \
   TRAIN_TP TRAIN_PP TRAIN_CP TRAIN_STEPS TRAIN_GLOBAL_BATCH TRAIN_MICRO_BATCH TRAIN_OVERRIDES HF_OUT \
   NEMO_OUT TOKENIZER EVAL_CONFIG EVAL_LABEL EVAL_OUT EVAL_OVERRIDES
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# With generate in STAGES, prepare reads its traces by default.
+if has generate && [[ -z $PREPARE_CONFIG ]]; then PREPARE_CONFIG=conf/generate_llama70b_prepare.yaml; fi
+
+# The generate stage's key=value overrides, in the array `overrides` (its dry run uses them too).
+generate_overrides() {
+  overrides=(teacher="$GENERATE_TEACHER" out_dir="$TRACES")
+  # shellcheck disable=SC2206  # GENERATE_OVERRIDES is a list of key=value words
+  overrides+=($GENERATE_OVERRIDES)
+}
+
+# The prepare step's key=value overrides, in the array `overrides`: with generate in STAGES, its
+# traces (and the teacher's tokenizer, which the student shares) unless PREPARE_OVERRIDES says otherwise.
+prepare_overrides() {
+  overrides=(out_dir="$STORE")
+  ! has generate || overrides+=("inputs=[$TRACES/traces/shard-*.jsonl]" tokenizer="$GENERATE_TEACHER")
+  # shellcheck disable=SC2206  # PREPARE_OVERRIDES is a list of key=value words
+  overrides+=($PREPARE_OVERRIDES)
+}
 
 # The score stage's key=value overrides, in the array `overrides`.
 score_overrides() {
@@ -157,6 +193,9 @@ submit_stages() {
   [[ -z $ACCOUNT ]] || common+=(--account="$ACCOUNT")
   [[ -z $QOS ]] || common+=(--qos="$QOS")
   problems=()
+  [[ -f $GENERATE_CONFIG ]] || ! has generate || problems+=("GENERATE_CONFIG=$GENERATE_CONFIG not found")
+  [[ -f $GENERATE_TEACHER/config.json ]] || ! has generate ||
+    problems+=("GENERATE_TEACHER=$GENERATE_TEACHER is not a Hugging Face checkpoint (no config.json): set GENERATE_TEACHER (or TEACHER_HF), or leave generate out of STAGES and bring traces")
   ((SCORE_NODES * tasks_per_node % (SCORE_TP * SCORE_PP) == 0)) ||
     problems+=("SCORE_NODES x tasks per node = $((SCORE_NODES * tasks_per_node)) ranks is not a multiple of SCORE_TP x SCORE_PP = $((SCORE_TP * SCORE_PP))")
   ((GPUS_PER_NODE == 0 || SCORE_TP <= GPUS_PER_NODE)) ||
@@ -185,7 +224,7 @@ submit_stages() {
   local plan=$LOG_DIR/store.plan.json dry_stage dry_config
   local -a dry_flags dry_launch
   rm -f "$plan"
-  for dry_stage in prepare score train; do
+  for dry_stage in generate prepare score train; do
     case $dry_stage in
       prepare) if [[ -z $PREPARE_CONFIG ]] || ! has score; then continue; fi ;;
       *) if ! has "$dry_stage"; then continue; fi ;;
@@ -196,9 +235,12 @@ submit_stages() {
     fi
     dry_flags=(--store-plan "$plan") dry_launch=()
     case $dry_stage in
+      generate)
+        generate_overrides
+        dry_config=$GENERATE_CONFIG dry_flags=()
+        ;;
       prepare)
-        # shellcheck disable=SC2206  # PREPARE_OVERRIDES is a list of key=value words
-        overrides=(out_dir="$STORE" $PREPARE_OVERRIDES)
+        prepare_overrides
         dry_config=$PREPARE_CONFIG
         ! has generate || dry_flags+=(--made-later)
         ;;
@@ -214,7 +256,7 @@ submit_stages() {
         ;;
     esac
     [[ -f $dry_config ]] || continue # reported above
-    "$NEMO_DCOD" "$dry_stage" --config "$dry_config" --dry-run "${dry_flags[@]}" "${overrides[@]}" \
+    "$NEMO_DCOD" "$dry_stage" --config "$dry_config" --dry-run ${dry_flags[@]+"${dry_flags[@]}"} "${overrides[@]}" \
       ${dry_launch[@]+"${dry_launch[@]}"} || {
       echo "distill_70b_to_8b.sh: the $dry_stage stage is not runnable as configured (above)" >&2
       ((DCOD_TEST_ONLY)) || exit 2
@@ -226,9 +268,10 @@ submit_stages() {
 
   local previous="" stage nodes gpus time id failed=0
   local -a layout args
-  for stage in score train export eval; do
+  for stage in generate score train export eval; do
     has "$stage" || continue
     case $stage in
+      generate) nodes=$GENERATE_NODES gpus=$GPUS_PER_NODE time=$GENERATE_TIME ;;
       score) nodes=$SCORE_NODES gpus=$GPUS_PER_NODE time=$SCORE_TIME ;;
       train) nodes=$TRAIN_NODES gpus=$GPUS_PER_NODE time=$TRAIN_TIME ;;
       export) nodes=1 gpus=$((GPUS_PER_NODE > 0 ? EXPORT_GPUS : 0)) time=$EXPORT_TIME ;;
@@ -237,6 +280,8 @@ submit_stages() {
     layout=(--nodes="$nodes" --time="$time" --cpus-per-task="$CPUS_PER_TASK")
     if [[ $stage == score || $stage == train ]]; then
       layout+=(--ntasks-per-node="$tasks_per_node")
+    elif [[ $stage == generate ]]; then # one engine per node, over all its GPUs (vLLM's TP)
+      layout+=(--ntasks-per-node=1)
     else
       layout+=(--ntasks-per-node=1)
     fi
@@ -304,11 +349,18 @@ skip=()
 echo "[$(date -u +%FT%TZ)] stage $DCOD_STAGE: job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}" >&2
 
 case $DCOD_STAGE in
+  generate)
+    # One worker per node (srun's SLURM_PROCID / SLURM_NTASKS), each its own shards; resumable: a
+    # requeued or re-submitted job skips the finished shards and redoes one cut off mid-write.
+    generate_overrides
+    dcod_launch ${skip[@]+"${skip[@]}"} --log "$LOG_DIR/generate.log" -- \
+      "$NEMO_DCOD" generate --config "$GENERATE_CONFIG" "${overrides[@]}"
+    ;;
   score)
     if [[ -n $PREPARE_CONFIG ]]; then # resumable: a finished store makes it a no-op
-      # shellcheck disable=SC2086  # *_OVERRIDES are lists of key=value words
+      prepare_overrides
       dcod_launch --single --log "$LOG_DIR/prepare.log" -- \
-        "$NEMO_DCOD" prepare --config "$PREPARE_CONFIG" out_dir="$STORE" $PREPARE_OVERRIDES
+        "$NEMO_DCOD" prepare --config "$PREPARE_CONFIG" "${overrides[@]}"
     fi
     if [[ -n $TEACHER_HF && ! -d $TEACHER_NEMO ]]; then
       dcod_launch --single --log "$LOG_DIR/import_teacher.log" -- \
@@ -343,7 +395,7 @@ case $DCOD_STAGE in
       out_dir="$EVAL_OUT" $EVAL_OVERRIDES
     ;;
   *)
-    echo "DCOD_STAGE=$DCOD_STAGE: one of score, train, export, eval" >&2
+    echo "DCOD_STAGE=$DCOD_STAGE: one of generate, score, train, export, eval" >&2
     exit 2
     ;;
 esac

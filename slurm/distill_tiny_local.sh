@@ -3,7 +3,11 @@
 #
 # The stages of slurm/distill_70b_to_8b.sh on the tiny config, on CPU, through the same launcher
 # (launchers/slurm.sh), in one job across two nodes:
-#   prepare  examples/tiny traces -> packed store                       (1 task, first node)
+#   generate with GENERATE_TEACHER set (a Hugging Face checkpoint with the tiny tokenizer, e.g. the
+#            exported tiny student of the README's tiny chain): conf/generate_tiny.yaml's problems ->
+#            sampled traces with its per-token log-probs, the two nodes as two independent workers
+#            (each its own shards); prepare then reads those traces; unset: skipped
+#   prepare  examples/tiny traces (or generate's) -> packed store       (1 task, first node)
 #   score    with TEACHER_NEMO set (a NeMo 2 checkpoint with the traces' tokenizer, e.g. from
 #            `nemo-dcod import`): its log-probs and top-4 replace the generation engine's in the
 #            store, data-parallel over the two nodes (each scores its own shards); unset: skipped,
@@ -41,9 +45,15 @@ source launchers/slurm.sh # dcod_launch, and the batch shell's USR1/TERM traps
 
 NEMO_DCOD=${NEMO_DCOD:-$([[ -x .venv/bin/nemo-dcod ]] && echo "$ROOT/.venv/bin/nemo-dcod" || echo nemo-dcod)}
 RUN_ROOT=${RUN_ROOT:-runs/slurm_tiny}
-STAGES=${STAGES:-prepare score train export eval}
+STAGES=${STAGES:-generate prepare score train export eval}
 STORE=${STORE:-$RUN_ROOT/store}
-PREPARE_CONFIG=${PREPARE_CONFIG:-conf/prepare_tiny.yaml}
+GENERATE_TEACHER=${GENERATE_TEACHER:-}       # empty: no generation (see above)
+GENERATE_CONFIG=${GENERATE_CONFIG:-conf/generate_tiny.yaml}
+GENERATE_OVERRIDES=${GENERATE_OVERRIDES:-} # more key=value pairs, space-separated
+TRACES=${TRACES:-$RUN_ROOT/generate}
+# Default: generate's traces (the prepare.yaml it writes) when it runs, else the example traces.
+generated=$([[ -n $GENERATE_TEACHER && " $STAGES " == *" generate "* ]] && echo 1 || echo 0)
+PREPARE_CONFIG=${PREPARE_CONFIG:-$( ((generated)) && echo "$TRACES/prepare.yaml" || echo conf/prepare_tiny.yaml)}
 TEACHER_NEMO=${TEACHER_NEMO:-}       # empty: no scoring (see above)
 SCORE_CONFIG=${SCORE_CONFIG:-conf/score_tiny.yaml}
 SCORE_OVERRIDES=${SCORE_OVERRIDES:-} # more key=value pairs, space-separated
@@ -62,10 +72,25 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { echo "[$(date -u +%FT%TZ)] stage $1 (job ${SLURM_JOB_ID:-?}, restart ${SLURM_RESTART_COUNT:-0})" >&2; }
 mkdir -p "$LOG_DIR"
 
+if has generate; then
+  stage generate
+  if ((!generated)); then
+    echo "generate: skipped (GENERATE_TEACHER is unset): prepare reads $PREPARE_CONFIG's traces" >&2
+  else
+    # Resumable: a requeued job skips the shards already written.
+    # shellcheck disable=SC2086  # GENERATE_OVERRIDES is a list of key=value words
+    dcod_launch --log "$LOG_DIR/generate.log" -- \
+      "$NEMO_DCOD" generate --config "$GENERATE_CONFIG" teacher="$GENERATE_TEACHER" out_dir="$TRACES" \
+      $GENERATE_OVERRIDES
+  fi
+fi
+
 if has prepare; then
   stage prepare
+  seq=()
+  ((!generated)) || seq=(seq_length=128) # the tiny student's rows (conf/train_store_tiny.yaml)
   dcod_launch --single --log "$LOG_DIR/prepare.log" -- \
-    "$NEMO_DCOD" prepare --config "$PREPARE_CONFIG" out_dir="$STORE"
+    "$NEMO_DCOD" prepare --config "$PREPARE_CONFIG" out_dir="$STORE" ${seq[@]+"${seq[@]}"}
 fi
 
 if has score; then

@@ -23,8 +23,12 @@ transformers: a logits processor placed before the sampling warpers (temperature
 come after every user processor) keeps each step's ``log_softmax`` of the raw fp32 logits, one
 ``[B, V]`` buffer, and gathers it at the token sampled from it on the next step. The checkpoint's
 ``generation_config.json`` is not merged into the sampling settings (``use_model_defaults=False``),
-so no penalty or warper of its own reaches the logits first. vLLM: ``SamplingParams(logprobs=0)``
-(the sampled token's only) from an engine built with ``logprobs_mode="raw_logprobs"``.
+so no penalty or warper of its own reaches the logits first. Output columns past the tokenizer's
+vocabulary (a padded embedding, as NeMo exports it) are masked there: never sampled, and the
+log-softmax is over the tokenizer's vocabulary, as the student's log-probs are in training.
+vLLM: ``SamplingParams(logprobs=0)`` (the sampled token's only) from an engine built with
+``logprobs_mode="raw_logprobs"`` (over the model's full output: checkpoints with padded columns
+are for the transformers back end).
 """
 
 from __future__ import annotations
@@ -189,26 +193,32 @@ def _stop_string_criterion(stop: Sequence[str], width: int, decode: Callable[[li
     return StopStrings()
 
 
-def _sampled_logprob_recorder() -> Any:
-    """A transformers ``LogitsProcessor`` that records log p(sampled token) under the raw logits.
+def _first_logits_processor(record: bool, vocab: int | None) -> Any:
+    """A transformers ``LogitsProcessor`` that sees the raw logits first: it masks the padded
+    columns past the tokenizer's ``vocab`` (ids with no token, which a checkpoint exported with a
+    padded embedding would otherwise sample) and, with ``record``, keeps log p(sampled token).
 
     Called once per step with the step's raw fp32 logits ``[B, V]`` (it must come before every
-    processor that changes them); keeps their ``log_softmax`` and, on the next call, gathers it at
-    the token that was drawn (the last column of ``input_ids``). :meth:`finish` adds the last
-    step's and returns ``[B, T]``.
+    processor that changes them); keeps their ``log_softmax`` (over the real vocabulary) and, on
+    the next call, gathers it at the token that was drawn (the last column of ``input_ids``).
+    :meth:`finish` adds the last step's and returns ``[B, T]``.
     """
     import torch
     from transformers import LogitsProcessor
 
-    class SampledLogprobs(LogitsProcessor):
+    class FirstProcessor(LogitsProcessor):
         def __init__(self) -> None:
             self.last: torch.Tensor | None = None
             self.values: list[torch.Tensor] = []
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            if self.last is not None:
-                self.values.append(self.last.gather(1, input_ids[:, -1:]))
-            self.last = torch.log_softmax(scores.float(), dim=-1)
+            if vocab is not None and scores.shape[-1] > vocab:
+                scores = scores.clone()
+                scores[:, vocab:] = -float("inf")
+            if record:
+                if self.last is not None:
+                    self.values.append(self.last.gather(1, input_ids[:, -1:]))
+                self.last = torch.log_softmax(scores.float(), dim=-1)
             return scores
 
         def finish(self, generated: torch.Tensor) -> torch.Tensor:
@@ -219,7 +229,7 @@ def _sampled_logprob_recorder() -> Any:
                 return torch.zeros(generated.shape, dtype=torch.float32)
             return torch.cat(self.values, dim=1).float().cpu()
 
-    return SampledLogprobs()
+    return FirstProcessor()
 
 
 def vllm_available() -> bool:
@@ -359,6 +369,11 @@ class TransformersGenerator:
         self.progress = progress
         # Sampling settings come from SamplingParams alone: transformers >= 4.50 would otherwise
         # take any setting left at its default from the checkpoint's generation_config.json.
+        # A checkpoint whose embedding is padded past the tokenizer (NeMo pads to a multiple of 128)
+        # has output columns no token stands for: they are never sampled, and log-probs are over
+        # the tokenizer's vocabulary, as the student's are in training.
+        columns, vocab = int(self.model.config.vocab_size), len(tokenizer)
+        self.vocab_limit: int | None = vocab if columns > vocab else None
         accepted = inspect.signature(self.model.generate).parameters
         self._no_model_defaults = {"use_model_defaults": False} if "use_model_defaults" in accepted else {}
 
@@ -408,20 +423,22 @@ class TransformersGenerator:
                 ids = prompt_ids[i]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids) :] = 1
-            recorder = _sampled_logprob_recorder() if params.logprobs else None
+            first = None
+            if params.logprobs or self.vocab_limit is not None:
+                first = _first_logits_processor(params.logprobs, self.vocab_limit)
             with torch.no_grad():
                 generated = self.model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),
                     generation_config=config,
-                    logits_processor=[recorder] if recorder is not None else None,
+                    logits_processor=[first] if first is not None else None,
                     stopping_criteria=[_stop_string_criterion(params.stop, width, self._decode_all)]
                     if params.stop
                     else None,
                     **self._no_model_defaults,
                 )
             new_tokens = generated[:, width:]
-            logprobs = recorder.finish(new_tokens).tolist() if recorder is not None else None
+            logprobs = first.finish(new_tokens).tolist() if first is not None and params.logprobs else None
             rows = new_tokens.tolist()
             tokens_out = 0
             for row, (i, j) in enumerate(batch):

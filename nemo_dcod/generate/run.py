@@ -274,26 +274,31 @@ def _finish(cfg: GenerateConfig, plan: RunPlan) -> dict[str, Any]:
     metas = {s.index: read_meta(out, s.index) for s in plan.shards}
     complete = {i: m for i, m in metas.items() if m is not None and m.get("key") == plan.shards[i].key}
     mine = aggregate([complete[s.index] for s in plan.mine if s.index in complete])
-    problem = _nothing_usable(mine, cfg, f"worker {plan.slot.index} of {plan.slot.count}")
     if len(complete) < len(plan.shards):
+        problem = _nothing_usable(mine, cfg, f"worker {plan.slot.index} of {plan.slot.count}")
         print(f"generate: this worker's shards ({len(plan.mine)}):\n{format_report(mine)}")
         print(
             f"generate: {len(complete)} of {len(plan.shards)} shards done; the worker that finishes the "
             "last one writes report.json and prepare.yaml (or rerun this command once all have ended)."
         )
-        if problem:
-            raise GenerateError(problem)
+        if problem:  # the run fails only if no worker made anything usable (the last one decides)
+            print(f"generate: WARNING: {problem}", file=sys.stderr)
         return mine
     report = aggregate([complete[i] for i in sorted(complete)])
-    problem = problem or _nothing_usable(report, cfg, "generate")
+    problem = _nothing_usable(report, cfg, "generate")
     report = {"ok": problem is None, "problem": problem, **report}
     write_json_atomic(out / "report.json", report)
     print(f"generate: report ({out / 'report.json'}):\n{format_report(report)}")
     if problem:
         raise GenerateError(problem)
     has_reference = all(m.get("has_reference") for m in complete.values())
+    tokenizer = Path(plan.tokenizer_path)
     text = prepare_config_text(
-        out, plan.tokenizer_path, has_reference, cfg.system_prompt is not None, plan.chat_template
+        out.resolve(),
+        str(tokenizer.resolve()) if tokenizer.exists() else plan.tokenizer_path,
+        has_reference,
+        cfg.system_prompt is not None,
+        plan.chat_template,
     )
     tmp = out / ".prepare.yaml.tmp"
     tmp.write_text(text)

@@ -4,6 +4,8 @@
   -> train at TP=2 across node1 and node2 (one gloo rank per node, launched by
   ``launchers/slurm.sh`` through srun) -> export -> eval, in one job.
 * Lightning, under srun, takes its ranks from Slurm's variables, without its own auto-requeue.
+* The generate stage: the tiny script's two nodes are two independent workers, and prepare reads
+  their traces; the 70B driver dry-runs generate and lays its job out one task per node.
 * Preemption: the training job gets the configured signal mid-training (``scancel --batch
   --signal=USR1``: what ``#SBATCH --signal=B:USR1@<s>`` sends); it checkpoints, requeues itself,
   resumes, and its final checkpoint equals the uninterrupted run's bit for bit (model and Adam
@@ -313,6 +315,63 @@ def test_70b_recipe_layout_passes_sbatch_test_only(slurm_cluster: LocalSlurm, tm
     assert "DOES NOT FIT" in proc.stdout and "not runnable as configured" in proc.stderr, (
         proc.stdout + proc.stderr
     )
+
+
+def test_generate_stage_two_workers_then_prepare(
+    slurm_cluster: LocalSlurm, teacher_nemo: Path, tmp_path: Path
+) -> None:
+    """The tiny script's generate stage: the two nodes are two workers (their own shards), then
+    prepare reads the traces with the prepare.yaml generate wrote."""
+    run_root = tmp_path / "gen"
+    env = _tiny_env(
+        run_root,
+        STAGES="generate prepare",
+        GENERATE_TEACHER=str(teacher_nemo.parent / "hf"),  # its context is 64 tokens
+        GENERATE_OVERRIDES="sampling.max_new_tokens=40",
+    )
+    proc = slurm_cluster.run(
+        ["sbatch", "--wait", f"--output={run_root}-%j.out", "slurm/distill_tiny_local.sh"],
+        check=False,
+        env=env,
+        timeout=JOB_TIMEOUT_S,
+    )
+    log = _read(run_root / "logs" / "generate.log")
+    assert proc.returncode == 0, proc.stderr + log[-3000:] + _read(run_root / "logs" / "prepare.log")[-2000:]
+    for worker in (0, 1):  # srun's SLURM_PROCID / SLURM_NTASKS, one worker per node
+        assert re.search(rf"^{worker}: generate: worker {worker} of 2 \(srun\): 1 shard\(s\)", log, re.M), log
+    report = json.loads((run_root / "generate" / "report.json").read_text())
+    assert report["ok"] and report["samples"] == 32 and report["shards"] == 2, report
+    manifest = json.loads((run_root / "store" / "manifest.json").read_text())
+    prepared = json.loads((run_root / "store" / "report.json").read_text())
+    assert manifest["columns"]["teacher_logprobs"] is not None, manifest["columns"]
+    assert prepared["records_read"] == 32 and "teacher_tokens_mismatch" not in prepared["skipped"], prepared
+
+
+def test_70b_recipe_generate_stage_preflight_and_layout(
+    slurm_cluster: LocalSlurm, teacher_nemo: Path, tmp_path: Path
+) -> None:
+    """With generate in STAGES the driver dry-runs it (problems, prompts, lengths; no model) and
+    lays out its job: one task per node, the node's GPUs."""
+    env = {
+        "DCOD_TEST_ONLY": "1",
+        "STAGES": "generate",
+        "NEMO_DCOD": NEMO_DCOD,
+        "LOG_DIR": str(tmp_path / "logs"),
+        "GENERATE_CONFIG": "conf/generate_tiny.yaml",
+        "GENERATE_TEACHER": str(teacher_nemo.parent / "hf"),
+        "GENERATE_OVERRIDES": "sampling.max_new_tokens=40",
+    }
+    proc = slurm_cluster.run(["bash", "slurm/distill_70b_to_8b.sh"], check=False, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "generate: dry run ok" in proc.stdout, proc.stdout
+    line = re.search(r"^generate: ok (.*)$", proc.stdout, re.M)
+    assert line and "--nodes=2 " in line.group(1), proc.stdout
+    assert "--ntasks-per-node=1 --gpus-per-node=8 --exclusive" in line.group(1), line.group(1)
+    # The check can fail: a trace that cannot fit the teacher's context is refused before submission.
+    too_long = {**env, "GENERATE_OVERRIDES": "sampling.max_new_tokens=60"}
+    proc = slurm_cluster.run(["bash", "slurm/distill_70b_to_8b.sh"], check=False, env=too_long)
+    assert "exceed the context of 64 tokens" in proc.stderr, proc.stderr
+    assert "the generate stage is not runnable as configured" in proc.stderr, proc.stderr
 
 
 def test_70b_recipe_runs_end_to_end_with_tiny_sizes(

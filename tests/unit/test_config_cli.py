@@ -13,6 +13,7 @@ from nemo_dcod.config import ConfigError, load_config
 from nemo_dcod.data.config import PrepareConfig
 from nemo_dcod.demo.config import DemoConfig
 from nemo_dcod.eval.config import EvalConfig
+from nemo_dcod.generate.config import GenerateConfig
 from nemo_dcod.score.config import ScoreConfig
 from nemo_dcod.study.config import StudyConfig
 from nemo_dcod.train.config import TrainConfig
@@ -25,6 +26,7 @@ SCHEMAS: dict[str, type] = {
     "eval": EvalConfig,
     "score": ScoreConfig,
     "study": StudyConfig,
+    "generate": GenerateConfig,
 }
 
 
@@ -39,6 +41,8 @@ def test_every_conf_yaml_starts_with_its_command_and_validates(path: Path) -> No
         problems = cfg.problems(has_gpu=cfg.precision.dtype != "fp32" or None, check_paths=False)
     elif isinstance(cfg, ScoreConfig):  # the bf16 teacher recipe, as on a GPU node
         problems = cfg.problems(has_gpu=cfg.dtype == "bf16" or None)
+    elif isinstance(cfg, GenerateConfig):  # the vLLM teacher recipe, as on a GPU node
+        problems = cfg.problems(has_gpu=cfg.backend == "vllm" or None)
     else:
         problems = cfg.problems()
     assert problems == [], problems

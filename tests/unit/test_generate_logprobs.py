@@ -24,7 +24,7 @@ from nemo_dcod.eval.generation import (
     stop_token_ids,
 )
 
-PROMPTS = [[1, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18, 19], [1, 20], [1, 5, 6, 7, 8]]
+PROMPTS = [[1, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18, 19], [1, 20], [1, 5, 6, 7, 8]]  # ids < 24
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,24 @@ def test_transformers_stops_at_a_stop_string(generator: TransformersGenerator) -
     assert c.finish_reason == "stop" and c.stop_token_id is None
     assert c.token_ids == free.token_ids[: len(c.token_ids)] and len(c.token_ids) <= 3
     assert word in generator.tokenizer.decode(list(c.token_ids))
+
+
+def test_padded_output_columns_are_never_sampled(tmp_path: Path) -> None:
+    """A checkpoint with more output columns than tokens (NeMo pads the embedding): the columns
+    past the tokenizer are masked, and log-probs are over the tokenizer's vocabulary."""
+    from hf_tiny import make_hf_checkpoint
+
+    path = make_hf_checkpoint(tmp_path / "padded", "llama", seed=4, vocab_size=64, tokenizer_vocab=24)
+    tokenizer = load_tokenizer(str(path))
+    assert len(tokenizer) == 24
+    gen = TransformersGenerator(str(path), tokenizer, stop_token_ids(str(path), tokenizer), 4, progress=False)
+    params = SamplingParams(2.0, 1.0, num_samples=4, max_new_tokens=16, seed=1, logprobs=True)
+    out = gen.generate(PROMPTS, params)
+    drawn = [t for row in out for c in row for t in c.token_ids]
+    assert len(drawn) > 100 and max(drawn) < 24  # unmasked, 40 of 64 columns would be drawn often
+    c = out[1][0]
+    logits = _logits(gen.model, PROMPTS[1], list(c.token_ids))[:, :24]
+    positions = torch.arange(len(PROMPTS[1]) - 1, len(PROMPTS[1]) - 1 + c.num_tokens)
+    expected = torch.log_softmax(logits, dim=-1)[positions, torch.tensor(c.token_ids)]
+    assert c.logprobs is not None
+    assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
