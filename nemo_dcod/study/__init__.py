@@ -12,6 +12,7 @@ report.py    summary.json, summary.md (tables rendered from the JSON only)
 plots.py     study.png, weights.png
 run.py       run_study: plan, run what is missing, report
 demo.py      `nemo-dcod demo`: the two-student, one-seed study
+choice.py    why the weights move the skill more than the choice (python -m nemo_dcod.study.choice)
 
 Nothing here is imported by the other packages; it uses them (demo's task, teacher and measures,
 data, train, convert, eval) the way a user would, through their config dataclasses.
