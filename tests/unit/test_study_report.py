@@ -200,3 +200,36 @@ def test_one_study_at_a_time_per_run_dir(tmp_path: Path) -> None:
         _lock(tmp_path)
     held.close()
     _lock(tmp_path).close()  # released: the next study may start
+
+
+def test_held_out_selection_takes_the_best_and_the_best_discord() -> None:
+    from nemo_dcod.study.select import choose
+
+    def entry(name: str, acc: float, skill: float) -> dict[str, object]:
+        metric = {"mean": acc, "std": 1.0}
+        return {
+            "loss": {"name": name},
+            "seeds": [0, 1, 2],
+            "metrics": {"accuracy_percent": metric, "forced_stepwise_percent": {"mean": skill}},
+        }
+
+    report = {
+        "task": "styles",
+        "start": "random",
+        "baseline": "sft",
+        "students": {
+            "sft": entry("sft", 30.0, 0),
+            "todi": entry("todi", 21.0, 90),
+            "kl": entry("kl", 21.0, 95),
+        },
+    }
+    other = {
+        **report,
+        "students": {"discord_t05": entry("discord", 19.0, 10), "discord": entry("discord", 17.0, 50)},
+    }
+    baseline, chosen = choose([report, other])
+    assert baseline == "sft" and [label for label, _ in chosen] == ["kl", "discord_t05"]  # tie -> skill
+    other["students"]["discord_min"] = entry("discord", 25.0, 0)
+    assert [label for label, _ in choose([report, other])[1]] == ["discord_min"]  # the best is a DisCorD
+    with pytest.raises(ValueError, match="different tasks"):
+        choose([report, {**other, "start": "warm"}])
