@@ -49,10 +49,12 @@ PACKAGES=(
   tensorstore==0.1.71 tiktoken==0.7.0 toml==0.10.2 torchx==0.7.0 typer==0.29.2
   typing-inspect==0.9.0 typing-inspection==0.4.5 uvicorn==0.54.0 wrapt==2.5.2 xxhash==4.1.0
 )
-# Only for `nemo.collections.llm.api` (llm.train, llm.import_ckpt, ...), which imports
 # nvidia-modelopt and through it scipy: `import nemo.collections.llm, nemo.lightning` works
-# without them (llm.api's names are then missing). nemo_dcod.train.run calls llm.train, so they
-# are carried unless GPU_WHEELS_LLM_API=0 (measured: 76.1 MiB with them, over the limit).
+# without them (llm.api's names are then missing), but training does not: NeMo 2.7.3's
+# GPTModel.configure_model and MegatronStrategy's checkpoint save/load import
+# nemo.collections.llm.modelopt, which imports modelopt (found 2026-12-03; not replacing
+# llm.train by hand therefore saves nothing). They are carried unless GPU_WHEELS_LLM_API=0
+# (measured: 76.1 MiB with them, over the device tool's 64 MiB; without them training fails).
 LLM_API_PACKAGES=(
   nvidia-modelopt==0.37.0 scipy==1.17.1 PuLP==3.3.2 torchprofile==0.1.0 zarr==2.18.7 numcodecs==0.15.2
 )

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["WorkerSlot", "free_port", "launcher_ranks", "run_local", "worker_slot"]
+__all__ = ["WorkerSlot", "free_port", "launch_rank", "launcher_ranks", "run_local", "worker_slot"]
 
 
 def free_port() -> int:
@@ -115,6 +115,18 @@ def launcher_ranks(env: Mapping[str, str] | None = None) -> tuple[int, int, int]
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
     return None
+
+
+def launch_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's global rank before any process group exists (0 when started plainly).
+
+    The launcher's rank (:func:`launcher_ranks`: torchrun, or an srun step of several tasks), or,
+    for the ranks Lightning starts itself on one node (``trainer.devices=N``), ``LOCAL_RANK``
+    (unset in the process that starts them).
+    """
+    env = os.environ if env is None else env
+    ranks = launcher_ranks(env)
+    return ranks[0] if ranks is not None else int(env.get("LOCAL_RANK", "0"))
 
 
 @dataclass(frozen=True)

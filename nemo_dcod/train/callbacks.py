@@ -36,6 +36,7 @@ __all__ = [
     "MetricsCallback",
     "PreemptOnSigterm",
     "PreemptOnSigusr1",
+    "ResumeAsRankZero",
 ]
 
 
@@ -361,3 +362,76 @@ class PreemptOnSigusr1(_preemption_base()):  # type: ignore[misc]
 
     def __init__(self) -> None:
         super().__init__(sig=signal.SIGUSR1)
+
+
+class ResumeAsRankZero(pl.Callback):
+    """Every rank resumes from the checkpoint that global rank 0 chose.
+
+    Each rank picks the newest complete checkpoint before NeMo starts
+    (:func:`~nemo_dcod.train.checkpoints.newest_complete_checkpoint`; no process group exists
+    yet) and gives it to ``AutoResume``. Ranks on different nodes can see a shared file system in
+    different states (a writer killed mid-save, client caches): one rank would restore step 4,
+    another step 2, and the run would go on with mixed states or hang. In ``setup`` (the process
+    group exists, nothing is restored yet) rank 0's choice is broadcast; a rank whose own choice
+    differs says so and takes rank 0's: the path Lightning restores from, ``trainer.ckpt_path``,
+    the checkpoint callback's ``last_model_path``, and the ``model.init_from`` restore (which
+    applies only when nothing is resumed).
+
+    Lightning 2.4's ``Trainer._run`` passes the restore path it was given before the process group
+    existed straight to ``_checkpoint_connector._restore_modules_and_callbacks``; a rank that
+    switches wraps that method of its trainer's connector (a private method: ranks that agree,
+    the usual case, touch nothing). Added after the trainer is built, so it is never recorded in a
+    checkpoint's context.
+
+    Args:
+        chosen: this rank's own choice (None: no checkpoint to resume).
+        restore: the ``model.init_from`` restore (NeMo's ``RestoreConfig``) for a run that resumes
+            nothing; None without ``model.init_from``.
+    """
+
+    def __init__(self, chosen: Path | None, restore: Any = None) -> None:
+        super().__init__()
+        self.chosen = chosen
+        self.restore = restore
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Broadcast rank 0's choice; switch to it where this rank chose otherwise."""
+        del pl_module
+        if stage != "fit" or not torch.distributed.is_initialized():
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        box = [str(self.chosen) if self.chosen is not None else None]
+        torch.distributed.broadcast_object_list(box, src=0, device=device)
+        mine = str(self.chosen) if self.chosen is not None else None
+        if box[0] == mine:
+            return
+        chosen = Path(box[0]) if box[0] is not None else None
+        print(
+            f"warning: rank {torch.distributed.get_rank()} resumes from "
+            f"{chosen or 'no checkpoint'}, the choice of rank 0; its own check chose {mine or 'none'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._switch(trainer, chosen)
+
+    def _switch(self, trainer: pl.Trainer, chosen: Path | None) -> None:
+        from nemo import lightning as nl
+
+        path = (
+            nl.AutoResume(resume_from_path=str(chosen), resume_if_exists=False).get_trainer_ckpt_path()
+            if chosen is not None
+            else None
+        )
+        trainer.ckpt_path = path
+        trainer.strategy.restore_config = None if chosen is not None else self.restore  # type: ignore[attr-defined]
+        if trainer.checkpoint_callback is not None:
+            trainer.checkpoint_callback.last_model_path = str(path) if path else ""  # type: ignore[attr-defined]
+        connector = trainer._checkpoint_connector
+        restore = connector._restore_modules_and_callbacks
+
+        def restore_rank_zeros_choice(checkpoint_path: Any = None) -> None:
+            del checkpoint_path  # this rank's own choice, bound before the process group existed
+            connector._restore_modules_and_callbacks = restore  # type: ignore[method-assign]  # once
+            restore(path)
+
+        connector._restore_modules_and_callbacks = restore_rank_zeros_choice  # type: ignore[method-assign]

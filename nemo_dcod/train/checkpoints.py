@@ -12,17 +12,25 @@ detected at all. Here a NeMo 2 checkpoint ``<ckpt>/{context,weights}`` counts as
   long as the last byte range stored in it.
 
 Incomplete folders are skipped with a warning that names what is missing; the newest complete one
-(by global step in the folder name, then modification time) is used.
+(by global step in the folder name, then modification time) is used. Each rank looks before NeMo
+starts (no process group exists yet); once it does, every rank takes global rank 0's choice
+(:class:`~nemo_dcod.train.callbacks.ResumeAsRankZero`), so ranks that see the file system in
+different states still restore the same checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
+import signal
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["checkpoint_problem", "newest_complete_checkpoint"]
+__all__ = ["checkpoint_problem", "newest_complete_checkpoint", "shield_checkpoint_writer"]
 
 _LOG = logging.getLogger(__name__)
 _STEP = re.compile(r"step=(\d+)")
@@ -65,15 +73,67 @@ def _order(path: Path) -> tuple[int, float]:
     return (int(match.group(1)) if match else -1, path.stat().st_mtime)
 
 
-def newest_complete_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint folder in ``directory`` (None if there is none)."""
+def newest_complete_checkpoint(
+    directory: Path, problem_of: Callable[[Path], str | None] | None = None
+) -> Path | None:
+    """The newest complete checkpoint folder in ``directory`` (None if there is none).
+
+    Args:
+        directory: ``<run_dir>/checkpoints``.
+        problem_of: the completeness check (default :func:`checkpoint_problem`; tests give one
+            rank another view through :class:`~nemo_dcod.train.hooks.TrainHooks`).
+    """
     if not directory.is_dir():
         return None
+    check = problem_of or checkpoint_problem
     candidates = sorted((p for p in directory.iterdir() if p.is_dir()), key=_order, reverse=True)
     for path in candidates:
-        problem = checkpoint_problem(path)
+        problem = check(path)
         if problem is None:
             return path
         _LOG.warning("checkpoint %s is incomplete and is skipped: %s", path, problem)
         print(f"warning: skipping incomplete checkpoint {path}: {problem}", flush=True)
     return None
+
+
+def _writer_server_init(parent: int) -> None:
+    """Run in megatron-core's results-queue server: survive the preemption signals, not the rank.
+
+    The signals that ask a rank to checkpoint (SIGTERM, SIGUSR1) reach every process of a Slurm
+    step, this server included; it ignores them, and exits by itself once the rank that started it
+    is gone (it has no other way to learn of a SIGKILLed rank).
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def shield_checkpoint_writer() -> None:
+    """Start megatron-core's checkpoint results queue in a server that preemption signals spare.
+
+    megatron-core's ``FileSystemWriterAsync`` (which NeMo's checkpoint IO uses for every save,
+    synchronous ones too) collects each save's write results through a queue served by a
+    ``multiprocessing`` manager process it spawns on first use
+    (``filesystem_async._get_write_results_queue``). Slurm signals every process of a step at
+    preemption or ``--signal=USR1@...``; that fresh interpreter has the default handlers, so it
+    dies, and the very checkpoint the signal asks for fails (``BrokenPipeError`` in the writer,
+    then a dead peer in every other rank's barrier). Called in each rank before training, this
+    starts that queue's server with the signals ignored
+    (``tests/distributed/test_train_resume.py``, every rank signalled). A no-op when a queue exists.
+    """
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_writer_server_init, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive

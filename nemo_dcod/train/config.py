@@ -88,6 +88,10 @@ class ModelSection:
     """Override the MLP width."""
     spec: str = field(default="auto", metadata={"choices": ("auto", "local", "te")})
     """Layer implementation: te (Transformer Engine, GPU), local (megatron-core), auto (te when usable)."""
+    dropout: float | None = None
+    """Dropout probability of hidden states and attention probabilities (GPTConfig's hidden_dropout
+    and attention_dropout), also with model.init_from; null: the family's (0 for Llama 3 and Qwen).
+    Every rank's generators are in each checkpoint, so a run with dropout resumes exactly."""
 
     def shape(self) -> tuple[int, int, int]:
         """(num_layers, num_attention_heads, num_query_groups) after overrides, from NeMo's config
@@ -102,7 +106,15 @@ class ModelSection:
     def overrides(self) -> dict[str, Any]:
         """The non-null overrides as ``GPTConfig`` fields."""
         names = ("num_layers", "hidden_size", "ffn_hidden_size")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None} | self.dropout_overrides()
+
+    def dropout_overrides(self) -> dict[str, float]:
+        """``hidden_dropout`` and ``attention_dropout`` from model.dropout (empty when null)."""
+        return (
+            {}
+            if self.dropout is None
+            else {"hidden_dropout": self.dropout, "attention_dropout": self.dropout}
+        )
 
 
 @dataclass
@@ -303,6 +315,8 @@ class TrainConfig:
                 f"optim.warmup_steps={self.optim.warmup_steps}: must be in [0, trainer.max_steps="
                 f"{self.trainer.max_steps})."
             )
+        if self.model.dropout is not None and not 0 <= self.model.dropout < 1:
+            out.append(f"model.dropout={self.model.dropout}: must be in [0, 1) (or null).")
         if self.optim.clip_grad < 0 or self.optim.weight_decay < 0:
             out.append("optim.clip_grad and optim.weight_decay: must be >= 0.")
         if self.data.topk < 0 or self.data.topk >= self.data.vocab_size:

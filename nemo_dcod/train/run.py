@@ -15,7 +15,6 @@ the ranks talk over gloo.
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from nemo_dcod.config import ConfigError, to_yaml
 from nemo_dcod.train.config import TrainConfig, init_checkpoint_config
+from nemo_dcod.train.hooks import TrainHooks
 
 __all__ = ["StoreLayout", "build_model", "gpt_config_of", "run_train", "store_layout"]
 
@@ -110,7 +110,9 @@ def gpt_config_of(cfg: TrainConfig, seq_length: int | None = None, use_te: bool 
             "batch_p2p_comm": p.virtual_pipeline_model_parallel_size is None,
         },
         precision=_precision_fields(cfg),
-        overrides=cfg.model.overrides() if init_config is None else _architecture_of(init_config, cfg),
+        overrides=cfg.model.overrides()
+        if init_config is None
+        else _architecture_of(init_config, cfg) | cfg.model.dropout_overrides(),
         use_te=use_te,
     )
 
@@ -250,6 +252,7 @@ def _trainer(cfg: TrainConfig, run_dir: Path) -> Any:
         PreemptOnSigterm,
         PreemptOnSigusr1,
     )
+    from nemo_dcod.train.rng_state import CarryRngStates
 
     p, t = cfg.parallel, cfg.trainer
     strategy = nl.MegatronStrategy(
@@ -276,6 +279,7 @@ def _trainer(cfg: TrainConfig, run_dir: Path) -> Any:
             str(run_dir), tokens_per_step, t.max_steps, t.log_every_n_steps, config_yaml=to_yaml(cfg)
         ),
         CarryWeightStats(),
+        CarryRngStates(),
         PreemptOnSigterm(),
         PreemptOnSigusr1(),
     ]
@@ -352,23 +356,33 @@ def _seed_with(seed: int) -> None:
     _strategy_lib.init_parallel_ranks = seeded
 
 
-def run_train(cfg: TrainConfig) -> Path:
+def run_train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> Path:
     """Train the student of ``cfg``; returns the run directory.
 
-    Resumes from the newest complete checkpoint in ``<run_dir>/checkpoints`` when ``cfg.resume``;
+    Resumes from the newest complete checkpoint in ``<run_dir>/checkpoints`` when ``cfg.resume``
+    (global rank 0's choice on every rank: :class:`~nemo_dcod.train.callbacks.ResumeAsRankZero`);
     otherwise starts from ``model.init_from`` (a NeMo 2 checkpoint) or a random initialisation.
+
+    Args:
+        cfg: the validated config.
+        hooks: test points (fault injection, a rank's view of the checkpoints); None in production.
     """
     from nemo import lightning as nl
     from nemo.collections import llm
 
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
-    from nemo_dcod.train.checkpoints import newest_complete_checkpoint
+    from nemo_dcod.parallel.launch import launch_rank
+    from nemo_dcod.train.callbacks import ResumeAsRankZero
+    from nemo_dcod.train.checkpoints import newest_complete_checkpoint, shield_checkpoint_writer
 
+    hooks = hooks or TrainHooks()
     enable_cpu_mode()
     _seed_with(cfg.seed)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = newest_complete_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    resume_from = (
+        newest_complete_checkpoint(run_dir / "checkpoints", hooks.checkpoint_problem) if cfg.resume else None
+    )
     restore = (
         nl.RestoreConfig(path=cfg.model.init_from, load_optim_state=False) if cfg.model.init_from else None
     )
@@ -380,7 +394,7 @@ def run_train(cfg: TrainConfig) -> Path:
     te = cfg.uses_transformer_engine(torch.cuda.is_available())
     layout = store_layout(cfg, te) if cfg.data.source == "store" else None
     model = build_model(cfg, seq_length=layout.row_length if layout else None)
-    if all(os.environ.get(v, "0") == "0" for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
+    if launch_rank() == 0:
         from nemo_dcod.train.memory import train_estimate
 
         # Once, before the ranks start.
@@ -388,6 +402,9 @@ def run_train(cfg: TrainConfig) -> Path:
             train_estimate(cfg, model.config, layout.attention if layout else None, te).describe(), flush=True
         )
     trainer = _trainer(cfg, run_dir)
+    # Not constructor arguments: NeMo records those in every checkpoint's context.
+    trainer.callbacks.extend([ResumeAsRankZero(resume_from, restore), *hooks.callbacks])
     data = _data_module(cfg, layout)
+    shield_checkpoint_writer()
     llm.train(model=model, data=data, trainer=trainer, log=_logger(cfg, run_dir), resume=resume)
     return run_dir
