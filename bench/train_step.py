@@ -193,12 +193,12 @@ def _worker_main(cfg: Config, run_dir: Path) -> None:
     train_cfg = load_config(TrainConfig, None, cfg.overrides(run_dir))
     build_model = train_run.build_model
 
-    def build_model_alternating(c: TrainConfig) -> Any:
-        model = build_model(c)
+    def build_model_alternating(c: TrainConfig, seq_length: int | None = None) -> Any:
+        model = build_model(c, seq_length=seq_length)
         model._training_loss_reduction = _alternating_reduction(model, c)
         return model
 
-    def pregenerated_data(c: TrainConfig) -> Any:
+    def pregenerated_data(c: TrainConfig, layout: Any = None) -> Any:
         t, d = c.trainer, c.data
         data = SyntheticTraceDataModule(
             vocab_size=cfg.teacher_vocab,

@@ -10,7 +10,7 @@ whatever the layout. Inputs are batch-first ``[B, S]`` (what Megatron-core's and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -100,7 +100,6 @@ class LossContext:
     stats: WeightStats | None = None
     stats_pending: bool = False
     validate: bool = True
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class TokenLoss(Protocol):
