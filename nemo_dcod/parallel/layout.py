@@ -1,4 +1,5 @@
-"""The parallel layout every Megatron stage shares (``train``, ``score``): one section, one set of checks.
+"""The parallel layout and the launch every Megatron stage shares (``train``, ``score``): one section
+each, one set of checks.
 
 Names are megatron-core's (``TransformerConfig``). :meth:`ParallelSection.problems` holds every check
 that depends only on the layout, the world size and the model's shape; a stage adds what is its own
@@ -9,10 +10,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ModelShape", "ParallelSection"]
+__all__ = ["LaunchSection", "ModelShape", "ParallelSection"]
 
 ModelShape = tuple[int, int, int]
 """(num_layers, num_attention_heads, num_query_groups) of a model."""
+
+
+@dataclass
+class LaunchSection:
+    """The job's processes. Every Megatron stage's ``trainer`` section starts with these keys, so
+    ``launchers/slurm.sh`` and the Slurm recipes set them the same way for train and score."""
+
+    devices: int = 1
+    """Processes per node (one per GPU; on CPU, gloo processes). Under torchrun or srun the
+    launcher's ranks are used and must number devices x num_nodes."""
+    num_nodes: int = 1
+    """Nodes."""
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the job: devices x num_nodes."""
+        return self.devices * self.num_nodes
+
+    def launch_problems(self, prefix: str = "trainer") -> list[str]:
+        """The problems of these keys, named ``<prefix>.<key>``."""
+        sizes = {"devices": self.devices, "num_nodes": self.num_nodes}
+        return [f"{prefix}.{key}={value}: must be >= 1." for key, value in sizes.items() if value < 1]
 
 
 @dataclass

@@ -13,20 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemo_dcod.config import choice_problems
-from nemo_dcod.parallel.layout import ParallelSection
+from nemo_dcod.parallel.layout import LaunchSection, ParallelSection
 
 __all__ = ["ScoreConfig", "ScoreLaunchSection"]
 
 
 @dataclass
-class ScoreLaunchSection:
-    """Processes and batch size (named as train's, so launchers/slurm.sh sets them the same way)."""
+class ScoreLaunchSection(LaunchSection):
+    """The job's processes (the keys every Megatron stage shares) and the batch size."""
 
-    devices: int = 1
-    """Processes per node (one per GPU; on CPU, gloo processes). Under torchrun or srun the
-    launcher's ranks are used and must number devices x num_nodes."""
-    num_nodes: int = 1
-    """Nodes."""
     micro_batch_size: int = 1
     """Store rows per forward pass on one data-parallel replica."""
     micro_batches_per_call: int = 16
@@ -76,7 +71,7 @@ class ScoreConfig:
     @property
     def world_size(self) -> int:
         """Processes in the job."""
-        return self.trainer.devices * self.trainer.num_nodes
+        return self.trainer.world_size
 
     @property
     def data_parallel_size(self) -> int:
@@ -95,9 +90,8 @@ class ScoreConfig:
         if not self.store:
             out.append("store: set the packed store directory (prepare's out_dir).")
         t = self.trainer
+        out.extend(t.launch_problems("trainer"))
         sizes = {
-            "trainer.devices": t.devices,
-            "trainer.num_nodes": t.num_nodes,
             "trainer.micro_batch_size": t.micro_batch_size,
             "trainer.micro_batches_per_call": t.micro_batches_per_call,
         }

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from nemo_dcod.config import LOSS_SECTION, choice_problems
 from nemo_dcod.losses.registry import LossRequirements, loss_problems, requirements_of
 from nemo_dcod.model.families import FAMILIES, architecture, config_of_family
-from nemo_dcod.parallel.layout import ParallelSection
+from nemo_dcod.parallel.layout import LaunchSection, ParallelSection
 
 if TYPE_CHECKING:
     from nemo_dcod.data.plan import StoreFacts
@@ -187,8 +187,9 @@ class DataSection:
 
 
 @dataclass
-class TrainerSection:
-    """The training loop, batch sizes, validation and checkpoints."""
+class TrainerSection(LaunchSection):
+    """The job's processes (the keys every Megatron stage shares), the training loop, batch sizes,
+    validation and checkpoints."""
 
     max_steps: int = 20
     """Optimizer steps."""
@@ -196,10 +197,6 @@ class TrainerSection:
     """Samples per optimizer step over all data-parallel ranks."""
     micro_batch_size: int = 2
     """Samples per forward pass on one rank."""
-    devices: int = 1
-    """Processes per node (one per GPU; on CPU, gloo processes)."""
-    num_nodes: int = 1
-    """Nodes."""
     val_check_interval: int = 0
     """Validate every this many steps; 0: never."""
     limit_val_batches: int = 2
@@ -236,7 +233,7 @@ class TrainConfig:
     @property
     def world_size(self) -> int:
         """Processes in the job."""
-        return self.trainer.devices * self.trainer.num_nodes
+        return self.trainer.world_size
 
     @property
     def model_parallel_size(self) -> int:
@@ -292,9 +289,8 @@ class TrainConfig:
         sizes = FAMILY_SIZES.get(self.model.family, ())
         if sizes and self.model.size not in sizes:
             out.append(f"model.size={self.model.size!r}: {self.model.family} has sizes {', '.join(sizes)}.")
+        out.extend(self.trainer.launch_problems("trainer"))
         positive = {
-            "trainer.devices": self.trainer.devices,
-            "trainer.num_nodes": self.trainer.num_nodes,
             "trainer.max_steps": self.trainer.max_steps,
             "trainer.global_batch_size": self.trainer.global_batch_size,
             "trainer.micro_batch_size": self.trainer.micro_batch_size,
