@@ -107,7 +107,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, "tests")
-from trace_fixtures import make_tokenizer, record, write_jsonl
+from helpers.trace_fixtures import make_tokenizer, record, write_jsonl
 
 work = Path(sys.argv[1])
 make_tokenizer(work / "tok", vocab_size=128256)

@@ -1,16 +1,23 @@
-"""Shared fixtures: restore torch's global state after every test; skip GPU tests without a GPU."""
+"""Shared fixtures: restore torch's global state after every test; skip GPU tests without a GPU;
+refuse a test whose folder and marker disagree (``tests/unit``: none of ``distributed``, ``gpu``,
+``slurm``; ``tests/distributed``, ``tests/gpu``, ``tests/slurm``: their own one)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/dist_utils.py and friends
+sys.path.insert(0, os.path.dirname(__file__))  # `from helpers.<module> import ...` (tests/helpers/)
+
+TESTS = Path(__file__).resolve().parent
+KINDS = {"distributed", "gpu", "slurm"}
+"""The markers that say where a test runs; each has its folder, and ``tests/unit`` has none of them."""
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +31,24 @@ def _restore_torch_state() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def _folder_marker_mismatches(items: list[pytest.Item]) -> list[str]:
+    wrong = []
+    for item in items:
+        path = Path(item.path).resolve()
+        parts = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()
+        if len(parts) < 2 or parts[0] not in KINDS | {"unit"}:
+            continue
+        kinds = sorted(KINDS & {mark.name for mark in item.iter_markers()})
+        expected = [] if parts[0] == "unit" else [parts[0]]
+        if kinds != expected:
+            wrong.append(f"{item.nodeid}: markers {kinds}, folder tests/{parts[0]}/ wants {expected}")
+    return wrong
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wrong = _folder_marker_mismatches(items)
+    if wrong:
+        raise pytest.UsageError("folder and marker disagree:\n" + "\n".join(wrong))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; runs on the GPU machine (tests/gpu/)")

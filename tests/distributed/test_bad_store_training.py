@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trace_fixtures import prepare_store
+from helpers.paths import ROOT
+from helpers.trace_fixtures import prepare_store
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_nan_teacher_logprob_in_a_shard_stops_training_naming_shard_and_row(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 One module fixture runs the chain for a tiny random bf16 model of every ``nemo-dcod train`` family:
 llama3.1 (llama3 RoPE scaling 8, untied, sharded safetensors), llama3.2 (tied embeddings, scaling
 32), llama3.3, qwen2.5 (QKV bias, tied) and qwen3 (QK-norm, head_dim != hidden/heads), all saved
-with ``torch_dtype=bfloat16`` (``tests/hf_tiny.py``, every norm and bias random):
+with ``torch_dtype=bfloat16`` (``tests/helpers/hf_tiny.py``, every norm and bias random):
 
 * ``nemo-dcod import`` twice per family: verification in fp32 (bf16 weights upcast exactly:
   <= 1e-4) and ``verify.dtype=checkpoint`` (both sides in bf16 on CPU, against the relative bound
@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from dist_utils import run_distributed
-from hf_tiny import (
+from helpers.dist_utils import run_distributed
+from helpers.hf_tiny import (
     TRAIN_FAMILIES,
     hf_logits,
     logit_rows,

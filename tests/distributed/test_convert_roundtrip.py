@@ -3,7 +3,7 @@
 One module fixture imports a tiny random Llama 3.1 (llama3 RoPE scaling, untied, sharded
 safetensors), Qwen2 (QKV bias, tied embeddings) and Qwen3 (QK-norm, head_dim != hidden/heads,
 tied) with the real ``nemo-dcod import`` command. Every norm weight and bias of those models is
-random (``tests/hf_tiny.py``): a converter that skips one changes the logits. Then:
+random (``tests/helpers/hf_tiny.py``): a converter that skips one changes the logits. Then:
 
 * logits of the imported checkpoints, loaded by Megatron at TP=1 here, at TP=2 and PP=2 in two
   gloo processes and at TP=2 x PP=2 in four (Megatron's forward-only pipeline schedule), against
@@ -31,8 +31,9 @@ from typing import Any
 
 import pytest
 import torch
-from dist_utils import run_distributed
-from hf_tiny import CHAT_TEMPLATE, PROMPTS, hf_logits, make_hf_checkpoint, shard_files
+from helpers.dist_utils import run_distributed
+from helpers.hf_tiny import CHAT_TEMPLATE, PROMPTS, hf_logits, make_hf_checkpoint, shard_files
+from helpers.paths import ROOT
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -40,7 +41,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 FAMILIES = ("llama", "qwen2", "qwen3")
 TOL = 1e-4
 NEMO_DCOD = str(Path(sys.executable).with_name("nemo-dcod"))
-TRAIN_TINY = str(Path(__file__).resolve().parents[2] / "conf" / "train_tiny.yaml")
+TRAIN_TINY = str(ROOT / "conf" / "train_tiny.yaml")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -60,7 +61,7 @@ def _ok(args: list[str], log: Path) -> str:
 
 def _rows() -> list[torch.Tensor]:
     """Prompt rows (word-level ids) and one row of random ids over the whole vocabulary."""
-    from hf_tiny import make_tokenizer
+    from helpers.hf_tiny import make_tokenizer
 
     tok = make_tokenizer()
     rows = [torch.tensor(tok(p)["input_ids"]) for p in PROMPTS]
@@ -289,7 +290,7 @@ BLOCKED_LOAD = textwrap.dedent(
 def test_trained_tp2_checkpoint_exports_to_hf_and_plain_nemo(
     imported: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:
-    from dist_utils import free_port
+    from helpers.ports import free_port
 
     src, init = imported["llama"]
     run = tmp_path / "run"

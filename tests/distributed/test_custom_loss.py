@@ -16,10 +16,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers.paths import ROOT
 
 pytestmark = [pytest.mark.distributed]
 
-ROOT = Path(__file__).resolve().parents[2]
 LOSS_MODULE = '''
 """``scaled_sft``: SFT times a constant (a test of the plug-in point)."""
 

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.paths import ROOT
 
 from nemo_dcod.config import load_config
 from nemo_dcod.demo.config import DemoConfig
 from nemo_dcod.study.report import METRICS
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.paths import ROOT
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hf_tiny import make_hf_checkpoint
+    from helpers.hf_tiny import make_hf_checkpoint
 
     return make_hf_checkpoint(tmp_path_factory.mktemp("teacher") / "hf", "llama", seed=5, vocab_size=32)
 

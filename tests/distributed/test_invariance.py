@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import new_subgroups, run_distributed
+from helpers.dist_utils import new_subgroups, run_distributed
 
 from nemo_dcod.losses import LossContext, build_loss
 from nemo_dcod.parallel.loss_inputs import loss_from_logits

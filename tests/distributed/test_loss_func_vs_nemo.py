@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_distributed
+from helpers.dist_utils import run_distributed
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_distributed
+from helpers.dist_utils import run_distributed
 
 from nemo_dcod.losses import LossContext, build_loss
 from nemo_dcod.parallel.loss_inputs import loss_from_logits
@@ -135,6 +135,8 @@ def _reference(name: str, params: dict[str, Any]) -> tuple[dict[str, torch.Tenso
         logged.append(megatron_metrics(loss_sum, num_tokens, metrics))
         total, tokens = total + loss_sum, tokens + num_tokens
     (total / tokens).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without a gradient in the reference: {missing}"
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return _megatron_lm_reduce(logged, None), grads
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from dist_utils import run_distributed
+from helpers.dist_utils import run_distributed
 
 pytestmark = [pytest.mark.distributed]
 

@@ -16,7 +16,7 @@ real CLI in a subprocess (Megatron's forward-only schedule over gloo, NeMo's che
 * a run SIGKILLed after its first shard leaves a store that :class:`PackedStore` refuses; the same
   command resumes it (only the other shards are scored) to a store byte-identical to the
   uninterrupted one; at DP=2, a replica SIGKILLed between two column renames of a shard (a real
-  kill through the production write path's hook, :mod:`faults`) leaves that shard half new, and
+  kill through the production write path's hook, :mod:`helpers.faults`) leaves that shard half new, and
   the relaunch ends byte-identical to an uninterrupted DP=2 run;
 * a store prepared with another tokenizer is refused before any model is built, with a short diff;
 * ``nemo-dcod train`` trains 2 steps at TP=2 from the imported checkpoint (320 rows, not
@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers.paths import ROOT
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 NEMO_DCOD = str(Path(sys.executable).with_name("nemo-dcod"))
-ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
 REAL_VOCAB, ROWS = 256, 320
 TOPK = 4
@@ -97,7 +97,7 @@ def _prepare(out: Path, traces: Path, tokenizer: str, config: Path | None = None
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The HF source, its NeMo import, and a prepared (unscored) store with its tokenizer."""
-    from hf_tiny import make_hf_checkpoint
+    from helpers.hf_tiny import make_hf_checkpoint
 
     root = tmp_path_factory.mktemp("score")
     hf = make_hf_checkpoint(root / "hf_qwen", "qwen2", seed=5, vocab_size=ROWS, tokenizer_vocab=REAL_VOCAB)
@@ -223,7 +223,7 @@ def test_layouts_equal_tp1(
 
 def _score_with_fault(setup: dict[str, Path], name: str, fault: str, *overrides: str) -> Any:
     """Score like :func:`_score`, in a subprocess that runs ``run_score`` with the hook ``fault``
-    (a :mod:`faults` expression): the production code path, killed where the hook says."""
+    (a :mod:`helpers.faults` expression): the production code path, killed where the hook says."""
     store = setup["root"] / name
     if not store.exists():
         shutil.copytree(setup["store"], store)
@@ -235,13 +235,13 @@ def _score_with_fault(setup: dict[str, Path], name: str, fault: str, *overrides:
     ]
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from faults import KillAt\n"
+        "from helpers.faults import KillAt\n"
         "from nemo_dcod.config import load_config\n"
         "from nemo_dcod.score.config import ScoreConfig\n"
         "from nemo_dcod.score.run import run_score\n"
         f"run_score(load_config(ScoreConfig, None, sys.argv[2:]), on_write={fault})\n"
     )
-    tests = str(Path(__file__).resolve().parents[1])
+    tests = str(ROOT / "tests")
     return _run(
         [sys.executable, "-c", script, tests, *args, *overrides], setup["root"] / f"{name}.log"
     ), store

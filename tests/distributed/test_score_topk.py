@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_distributed
+from helpers.dist_utils import run_distributed
 
 from nemo_dcod.score.core import score_logits, vocab_parallel_topk_ids
 

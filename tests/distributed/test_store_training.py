@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 import torch
-from dist_utils import run_distributed
+from helpers.dist_utils import run_distributed
+from helpers.paths import ROOT
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _isolation_worker(rank: int, world: int) -> dict[str, Any]:

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.paths import ROOT
 
 from nemo_dcod.study.report import METRICS
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 FIRST = "[{name: sft}, {label: discord_l0, name: discord, lambda_max: 0.0}]"
 SECOND = FIRST[:-1] + (
     ", {label: discord, name: discord, tau: 0.25, ess_floor: 0.9, lambda_warmup_fraction: 0.25}]"

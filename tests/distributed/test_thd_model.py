@@ -6,7 +6,7 @@ documents and a padding run, lengths chosen so that context parallelism must pad
 through the plug-in's THD path: ``collate_thd`` -> ``trace_data_step`` (this rank's balanced
 chunks under CP) -> ``logits_forward_step`` (``PackedSeqParams``, no mask) -> DisCorD through
 ``loss_from_logits`` (centred: its global mean is reduced over the data x context-parallel group).
-Only the attention kernel is a stand-in for Transformer Engine's (:mod:`thd_reference`). Checked
+Only the attention kernel is a stand-in for Transformer Engine's (:mod:`helpers.thd_reference`). Checked
 per case: every real token's logits, the loss, and every parameter's gradient (shards gathered
 to the full tensor, context-parallel partial sums added as DDP does) against the reference, in
 fp32: logits and each gradient to 1e-5 of the largest entry (seen: <= 4e-6), the loss to rel 1e-6.
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from dist_utils import run_distributed
+from helpers.dist_utils import run_distributed
 
 pytestmark = [pytest.mark.distributed]
 
@@ -98,9 +98,9 @@ def _full_grads(model: torch.nn.Module, tp: int) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, tp: int, cp: int, sp: bool, thd: bool) -> dict[str, Any]:
+    from helpers.thd_reference import thd_layer_spec
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from thd_reference import thd_layer_spec
 
     from nemo_dcod.data.store import collate_packed
     from nemo_dcod.data.thd import collate_thd, cp_partition_index, padded_length, row_multiple
@@ -235,9 +235,9 @@ def _seed_weights_by_global_name(model: torch.nn.Module) -> None:
 def _score_worker(rank: int, world: int, store_path: str, pp: int, thd: bool) -> list[Any]:
     """Score every row of the store through score's own path (micro-batches, Megatron's
     forward-only pipeline schedule, the scoring math), dense or THD, at PP = ``pp``."""
+    from helpers.thd_reference import thd_layer_spec
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from thd_reference import thd_layer_spec
 
     from nemo_dcod.data.store import PackedStore
     from nemo_dcod.model.families import build_gpt_config
@@ -273,7 +273,7 @@ def _score_worker(rank: int, world: int, store_path: str, pp: int, thd: bool) ->
 def test_score_packs_rows_as_thd_at_pp1_and_pp2(tmp_path: Any) -> None:
     """Score's THD path (a micro-batch's rows as one packed sequence of B·S tokens, the schedule's
     buffers sized for it) gives the dense path's columns, at one and two pipeline stages."""
-    from trace_fixtures import prepare_store
+    from helpers.trace_fixtures import prepare_store
 
     store = prepare_store(tmp_path, 64, 209)
     (dense,) = run_distributed(_score_worker, 1, store, 1, False)

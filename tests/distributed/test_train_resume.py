@@ -17,7 +17,7 @@ Layouts: TP=2 on synthetic rows (the reference and the kill / damage / per-rank-
 and DP=2 and PP=2 on a packed store made by ``prepare`` (SIGTERM and SIGUSR1 delivered to every
 rank, as Slurm delivers them; the plain ``trainer.devices=2`` launch is not under Slurm).
 
-Faults come in through ``run_train``'s hook parameter (``tests/faults.py`` is the entry point
+Faults come in through ``run_train``'s hook parameter (``tests/helpers/faults.py`` is the entry point
 that passes them), never through the environment: every rank SIGKILLed in the middle of a
 checkpoint write (shard files written, no index yet), and rank 1 seeing a complete checkpoint as
 incomplete.
@@ -53,6 +53,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from helpers.paths import ROOT
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from nemo_dcod.train.checkpoints import checkpoint_problem, newest_complete_checkpoint
@@ -74,7 +75,7 @@ STORE_SEQ, STORE_VOCAB = 64, 209
 STORE_LAYOUTS = {"dp2": [], "pp2": ["parallel.pipeline_model_parallel_size=2"]}
 RUN_TIMEOUT_S = 420.0
 NEMO_DCOD = str(Path(sys.executable).with_name("nemo-dcod"))
-FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
+FAULTS = ROOT / "tests" / "helpers" / "faults.py"
 
 
 # --------------------------------------------------------------------------- launching and watching
@@ -86,7 +87,7 @@ class Launch:
     Args:
         run_dir: the run directory.
         args: ``key=value`` overrides after ``run_dir``.
-        hooks: a ``TrainHooks`` expression: the job runs ``tests/faults.py train`` with it
+        hooks: a ``TrainHooks`` expression: the job runs ``tests/helpers/faults.py train`` with it
             instead of ``nemo-dcod train``.
     """
 
@@ -393,7 +394,7 @@ def killed_mid_write(
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A packed store made by the real ``prepare`` (40 traces with the engine's log-probs)."""
     import megatron.core.dist_checkpointing  # noqa: F401  # what the polls' unpickling imports
-    from trace_fixtures import prepare_store
+    from helpers.trace_fixtures import prepare_store
 
     # The import above warms up the polls of checkpoint_problem (the reference fixture does it
     # for the TP=2 scenarios): a first poll that imports megatron takes seconds, in which a run on

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_distributed
-from references import entropy, full_logprobs, tail_logprob
+from helpers.dist_utils import run_distributed
+from helpers.references import entropy, full_logprobs, tail_logprob
 
 from nemo_dcod.losses import LossContext, build_loss
 from nemo_dcod.parallel import vocab_parallel_logprobs, vocab_parallel_topk_forward_kl

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.paths import ROOT
 
 from nemo_dcod.config import load_config
 from nemo_dcod.eval.config import EvalConfig
@@ -24,13 +25,12 @@ from nemo_dcod.eval.generation import (
 from nemo_dcod.eval.run import run_eval
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 10, 11], [1, 12, 13, 14, 15, 16, 17], [1, 20]]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hf_tiny import make_hf_checkpoint
+    from helpers.hf_tiny import make_hf_checkpoint
 
     return make_hf_checkpoint(tmp_path_factory.mktemp("hf") / "tiny", "llama")
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.paths import ROOT
 
 from nemo_dcod.losses import LossContext, build_loss
 from nemo_dcod.parallel.loss_inputs import loss_from_logits
 from nemo_dcod.parallel.vocab_parallel import vocab_parallel_logprobs
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _batch(rows: int, cols: int, vocab: int, k: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
@@ -83,7 +83,8 @@ def test_chunking_lowers_cuda_peak_memory() -> None:
         loss_sum, _, _ = loss_from_logits(build_loss("discord"), x, batch, LossContext(), chunk_size=chunk)
         loss_sum.backward()
         torch.cuda.synchronize()
-        grad_bytes = x.grad.numel() * x.grad.element_size() if x.grad is not None else 0
+        assert x.grad is not None, chunk  # a missing gradient would also lower the peak
+        grad_bytes = x.grad.numel() * x.grad.element_size()
         peaks[chunk] = torch.cuda.max_memory_allocated() - base - grad_bytes
         del x, loss_sum
     shard = logits.numel() * 4  # one fp32 copy

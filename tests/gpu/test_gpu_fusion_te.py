@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.paths import ROOT
 
 from nemo_dcod.losses import LossContext, LossInputs, build_loss
 from nemo_dcod.losses import weights as wts
 from nemo_dcod.losses.types import WeightStats
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _inputs(rows: int = 2, cols: int = 4096, seed: int = 0) -> LossInputs:
@@ -162,7 +161,7 @@ def test_te_on_packed_rows_matches_the_local_spec(tmp_path: Path) -> None:
     agrees (fp32; different attention kernels). Attention across documents would change it."""
     pytest.importorskip("nemo.collections.llm", reason="NeMo is not installed on this GPU machine")
     pytest.importorskip("transformer_engine.pytorch", reason="THD needs Transformer Engine")
-    from trace_fixtures import prepare_store
+    from helpers.trace_fixtures import prepare_store
 
     store = prepare_store(tmp_path / "data", seq_length=128, vocab_size=256)
     manifest = json.loads((Path(store) / "manifest.json").read_text())

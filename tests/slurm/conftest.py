@@ -8,14 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from slurm_cluster import ClusterUnavailable, LocalSlurm, ensure_installed
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers.paths import ROOT
+from helpers.slurm_cluster import ClusterUnavailable, LocalSlurm, ensure_installed
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[LocalSlurm]:
-    """slurmctld and four slurmd (node1..node4) on this machine; see tests/slurm_cluster.py."""
+    """slurmctld and four slurmd (node1..node4) on this machine; see tests/helpers/slurm_cluster.py."""
     try:
         ensure_installed()
     except ClusterUnavailable as exc:

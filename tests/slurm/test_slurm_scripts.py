@@ -3,7 +3,6 @@
 * ``sbatch --wait slurm/distill_tiny_local.sh``: prepare -> score (skipped while the CLI lacks it)
   -> train at TP=2 across node1 and node2 (one gloo rank per node, launched by
   ``launchers/slurm.sh`` through srun) -> export -> eval, in one job.
-* Lightning, under srun, takes its ranks from Slurm's variables, without its own auto-requeue.
 * The generate stage: the tiny script's two nodes are two independent workers, and prepare reads
   their traces; the 70B driver dry-runs generate and lays its job out one task per node.
 * Preemption: the training job gets the configured signal mid-training (``scancel --batch
@@ -15,6 +14,9 @@
   four fake 8-GPU nodes, and rejects one it cannot hold; then, with its sizes set to the tiny
   config, its four chained jobs run end to end and train the same weights as the tiny script.
 
+The checks that need no cluster (``bash -n`` and shellcheck of the scripts, Lightning's Slurm
+environment under srun) are unit tests: ``tests/unit/test_slurm_scripts_static.py``.
+
 Every run trains 6 steps with a checkpoint every 2 (~35 s of a ~100 s pipeline on 2 cores).
 
     .venv/bin/pytest tests/slurm -q -s      # ~5 min on 2 cores (root; installs Slurm if missing)
@@ -25,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from slurm_cluster import LocalSlurm
+from helpers.paths import ROOT
+from helpers.slurm_cluster import LocalSlurm
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from nemo_dcod.train.checkpoints import newest_complete_checkpoint
@@ -46,12 +48,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
 NEMO_DCOD = str(Path(sys.executable).with_name("nemo-dcod"))
 STEPS = 6
 TRAIN_OVERRIDES = "trainer.ckpt_every_n_steps=2 trainer.val_check_interval=0"
 JOB_TIMEOUT_S = 420.0
-SCRIPTS = ("launchers/slurm.sh", "slurm/distill_tiny_local.sh", "slurm/distill_70b_to_8b.sh")
 
 
 def _tiny_env(run_root: Path, **extra: str) -> dict[str, str]:
@@ -104,25 +104,13 @@ def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"<{path} missing>"
 
 
-# --------------------------------------------------------------------------- the scripts themselves
-
-
-def test_scripts_parse_and_pass_shellcheck() -> None:
-    for script in SCRIPTS:
-        subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    proc = subprocess.run(["shellcheck", "-x", *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout
-
-
 # --------------------------------------------------------------------------- the tiny pipeline
 
 
 @pytest.fixture(scope="module")
 def teacher_nemo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with the tiny traces' tokenizer, imported to NeMo 2 as a user would."""
-    from hf_tiny import make_hf_checkpoint
+    from helpers.hf_tiny import make_hf_checkpoint
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("teacher")
@@ -237,33 +225,8 @@ def test_preempted_training_requeues_resumes_and_matches(
 # --------------------------------------------------------------------------- the 70B -> 8B recipe
 
 
-def test_lightning_auto_requeue_is_off_under_srun(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Under srun Lightning picks its Slurm environment, without its own SIGUSR1 requeue handler."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    from nemo_dcod.config import load_config
-    from nemo_dcod.train.callbacks import PreemptOnSigusr1
-    from nemo_dcod.train.config import TrainConfig
-    from nemo_dcod.train.run import _trainer
-
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "2", "SLURM_JOB_ID": "7"}
-    slurm |= {"SLURM_JOB_NAME": "dcod", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "1"}
-    for key, value in {**slurm, "SLURM_NODELIST": "node[1-2]"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("MASTER_ADDR", "MASTER_PORT"):  # unset now; whatever Lightning sets is undone after
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
-    cfg = load_config(TrainConfig, "conf/train_tiny.yaml", ["trainer.devices=1", "trainer.num_nodes=2"])
-    trainer = _trainer(cfg, tmp_path)
-    environment = trainer.strategy.cluster_environment
-    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
-    assert (environment.global_rank(), environment.node_rank(), environment.world_size()) == (1, 1, 2)
-    assert (environment.main_address, environment.main_port) == ("node1", 15007)  # the launcher's rule too
-    assert any(isinstance(c, PreemptOnSigusr1) for c in trainer.callbacks)
-
-
 def test_70b_recipe_layout_passes_sbatch_test_only(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
-    from trace_fixtures import make_tokenizer
+    from helpers.trace_fixtures import make_tokenizer
 
     driver = slurm_cluster.run(["sbatch", "--test-only", "slurm/distill_70b_to_8b.sh"], check=False)
     assert driver.returncode == 0, driver.stderr

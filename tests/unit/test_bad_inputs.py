@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from trace_fixtures import make_tokenizer, record, write_jsonl
+from helpers.trace_fixtures import make_tokenizer, record, write_jsonl
 
 from nemo_dcod.cli import main as cli_main
 from nemo_dcod.config import to_yaml
@@ -337,8 +337,9 @@ def test_fuzzed_hostile_lines_are_each_a_counted_skip(tmp_path: Path, tokenizer:
     assert sum(report["skipped"].values()) == len(bad), report["skipped"]
     assert set(report["skipped"]) <= set(BAD_RECORD_REASONS), report["skipped"]
     assert kept_lines(tmp_path / "store") == [k for k, (_, ok) in enumerate(lines) if ok]
+    assert report["skip_examples"].keys() == report["skipped"].keys(), report["skip_examples"]
     for reason, examples in report["skip_examples"].items():
-        assert all(e.startswith(f"{path}:") for e in examples), (reason, examples)
+        assert examples and all(e.startswith(f"{path}:") for e in examples), (reason, examples)
     store = PackedStore(tmp_path / "store")
     for k in range(len(store)):  # what was kept reads back: finite, <= 0 teacher log-probs
         row = store[k]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import train_gpu  # noqa: E402
+import train_gpu
 
-from nemo_dcod.train.memory import Architecture  # noqa: E402
+from nemo_dcod.train.memory import Architecture
 
 RESULT = re.compile(
     r"^RESULT gpu=(\S+) tokens_per_s_gpu=\d+ mfu=(\S+) discord_over_sft=(\d+\.\d{3}) mem_over_estimate=(\S+)$"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.paths import ROOT
 
 from nemo_dcod.cli import STAGES, main
 from nemo_dcod.config import ConfigError, load_config
@@ -18,7 +19,6 @@ from nemo_dcod.score.config import ScoreConfig
 from nemo_dcod.study.config import StudyConfig
 from nemo_dcod.train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS: dict[str, type] = {
     "demo": DemoConfig,
     "train": TrainConfig,

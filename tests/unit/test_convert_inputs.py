@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import make_hf_checkpoint, make_tokenizer, shard_files
+from helpers.hf_tiny import make_hf_checkpoint, make_tokenizer, shard_files
 
 from nemo_dcod.cli import main
 from nemo_dcod.config import ConfigError, load_config
@@ -210,4 +210,7 @@ def test_read_tracker_counts_tied_aliases_as_read() -> None:
         ConversionError, match=r"1 source tensor\(s\) were not converted: bias[\s\S]*left at their"
     ):
         cov.check()
-    assert json.dumps(cov.summary())
+    summary = cov.summary()
+    expected = {"source_tensors": 4, "source_tied_aliases": ["lm_head"], "target_tensors": 2}
+    assert summary == {**expected, "local_spec_norms_remapped": 0}, summary
+    assert json.loads(json.dumps(summary)) == summary  # JSON as it is

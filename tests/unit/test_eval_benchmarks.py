@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.paths import ROOT
 
 from nemo_dcod.eval.benchmarks import BenchmarkError, Problem, load_problems, render_prompt
 from nemo_dcod.eval.config import EvalError
 from nemo_dcod.eval.generation import encode_prompts
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def jsonl(path: Path, records: list[Any]) -> str:
@@ -182,8 +181,8 @@ def test_the_example_files_load() -> None:
 
 
 def test_prompt_template_and_chat_encoding(tmp_path: Path) -> None:
-    from trace_fixtures import ids as vocab_ids
-    from trace_fixtures import make_tokenizer
+    from helpers.trace_fixtures import ids as vocab_ids
+    from helpers.trace_fixtures import make_tokenizer
 
     from nemo_dcod.eval.generation import load_tokenizer
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.paths import ROOT
 
 from nemo_dcod.config import ConfigError, load_config
 from nemo_dcod.eval.benchmarks import Problem
@@ -19,13 +20,12 @@ from nemo_dcod.eval.grading import Grader
 from nemo_dcod.eval.report import format_cell, markdown_table, plot_scores, score_benchmark, standard_error
 from nemo_dcod.eval.run import grade_completions, run_eval
 
-ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf/eval_tiny.yaml"
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from hf_tiny import make_hf_checkpoint
+    from helpers.hf_tiny import make_hf_checkpoint
 
     root = tmp_path_factory.mktemp("hf")
     return {name: make_hf_checkpoint(root / name, "llama", seed=seed) for name, seed in (("a", 0), ("b", 1))}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.paths import ROOT
 
 from nemo_dcod.cli import main
 from nemo_dcod.config import ConfigError, load_config
@@ -20,13 +21,12 @@ from nemo_dcod.generate.problems import reference_answer
 from nemo_dcod.generate.run import run_generate
 from nemo_dcod.parallel.launch import worker_slot
 
-ROOT = Path(__file__).resolve().parents[2]
 GOOD = [{"question": f"w{i} w{i + 1}", "answer": f"#### {i}", "uid": i} for i in range(3)]
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hf_tiny import make_hf_checkpoint
+    from helpers.hf_tiny import make_hf_checkpoint
 
     return make_hf_checkpoint(tmp_path_factory.mktemp("teacher") / "hf", "llama", seed=2)
 
@@ -225,8 +225,8 @@ def test_references_are_reduced_to_their_final_answer() -> None:
 
 
 def test_a_trace_is_graded_with_evals_extraction(tmp_path: Path) -> None:
-    from hf_tiny import make_hf_checkpoint
-    from trace_fixtures import ids, make_tokenizer
+    from helpers.hf_tiny import make_hf_checkpoint
+    from helpers.trace_fixtures import ids, make_tokenizer
 
     from nemo_dcod.eval.generation import Completion
     from nemo_dcod.eval.grading import Grader

@@ -29,7 +29,7 @@ PROMPTS = [[1, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18, 19], [1, 20], [1, 5, 6, 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hf_tiny import make_hf_checkpoint
+    from helpers.hf_tiny import make_hf_checkpoint
 
     return make_hf_checkpoint(tmp_path_factory.mktemp("teacher") / "hf", "llama", seed=3, vocab_size=32)
 
@@ -145,7 +145,7 @@ def test_transformers_stops_at_a_stop_string(generator: TransformersGenerator) -
 def test_padded_output_columns_are_never_sampled(tmp_path: Path) -> None:
     """A checkpoint with more output columns than tokens (NeMo pads the embedding): the columns
     past the tokenizer are masked, and log-probs are over the tokenizer's vocabulary."""
-    from hf_tiny import make_hf_checkpoint
+    from helpers.hf_tiny import make_hf_checkpoint
 
     path = make_hf_checkpoint(tmp_path / "padded", "llama", seed=4, vocab_size=64, tokenizer_vocab=24)
     tokenizer = load_tokenizer(str(path))

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
-from trace_fixtures import prepare_store
+from helpers.paths import ROOT
+from helpers.trace_fixtures import prepare_store
 
 from nemo_dcod.cli import main
 from nemo_dcod.config import ConfigError, load_config
 from nemo_dcod.train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 TARGET = "nemo.collections.llm.gpt.model.llama.Llama31Config8B"
 
 

@@ -1,4 +1,4 @@
-"""Every loss and variant against a token-by-token float64 reference (tests/references.py)."""
+"""Every loss and variant against a token-by-token float64 reference (tests/helpers/references.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from references import discord_weights, documents, tail_logprob
+from helpers.references import discord_weights, documents, tail_logprob
 
 from nemo_dcod.losses import LossContext, LossInputs, build_loss, reduce_metrics
 from nemo_dcod.losses.registry import BUILTIN, loss_problems

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trace_fixtures import prepare_store
+from helpers.paths import ROOT
+from helpers.trace_fixtures import prepare_store
 
 from nemo_dcod.cli import main
 from nemo_dcod.config import load_config
 from nemo_dcod.score.config import ScoreConfig
 from nemo_dcod.train.config import TrainConfig
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _store_recipes(stage: str) -> list[Path]:

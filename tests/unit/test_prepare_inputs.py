@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from trace_fixtures import ids, make_bpe_tokenizer, make_tokenizer, record, write_jsonl
+from helpers.trace_fixtures import ids, make_bpe_tokenizer, make_tokenizer, record, write_jsonl
 
 from nemo_dcod.data.answers import answers_match, extract_answer, extract_boxed, normalize_answer
 from nemo_dcod.data.config import FieldsSection, PrepareConfig

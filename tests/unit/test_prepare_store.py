@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from trace_fixtures import make_tokenizer, record, write_jsonl
+from helpers.paths import ROOT
+from helpers.trace_fixtures import make_tokenizer, record, write_jsonl
 
 from nemo_dcod.config import to_yaml
 from nemo_dcod.data.config import PrepareConfig
@@ -29,8 +30,6 @@ from nemo_dcod.data.store import (
     pack_documents,
 )
 from nemo_dcod.data.tokenize import Document
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from trace_fixtures import prepare_store
+from helpers.paths import ROOT
+from helpers.trace_fixtures import prepare_store
 
 from nemo_dcod.cli import main
 from nemo_dcod.config import load_config
@@ -25,8 +25,6 @@ from nemo_dcod.train.memory import (
     forward_memory,
     train_memory,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _architecture(family: str, size: str, vocab: int, **changes: object) -> Architecture:

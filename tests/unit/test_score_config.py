@@ -60,7 +60,7 @@ def test_vocabulary_diff_is_short_and_names_ids() -> None:
 def test_a_forward_that_is_no_log_probability_is_refused_before_it_is_written(tmp_path: Path) -> None:
     """Score checks the columns it computed at the trained positions (NaN from a bf16 overflow)."""
     import numpy as np
-    from trace_fixtures import prepare_store
+    from helpers.trace_fixtures import prepare_store
 
     from nemo_dcod.data.store import PackedStore
     from nemo_dcod.score.plan import ScoreError

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "nemo_dcod"
+from helpers.paths import ROOT
+
+PACKAGE = ROOT / "nemo_dcod"
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from references import documents
+from helpers.references import documents
 
 from nemo_dcod.losses import LossContext, LossInputs, build_loss, reduce_metrics
 from nemo_dcod.losses.registry import loss_problems

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from trace_fixtures import make_tokenizer, record, write_jsonl
+from helpers.trace_fixtures import make_tokenizer, record, write_jsonl
 
 from nemo_dcod.data.config import PrepareConfig
 from nemo_dcod.data.prepare import run_prepare

@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from helpers.paths import ROOT
 
 from nemo_dcod.config import load_config
 from nemo_dcod.model.families import FAMILIES
 from nemo_dcod.train.config import TrainConfig, padded_vocab_size
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_recipe_reaches_nemo_precision_and_model_config() -> None:

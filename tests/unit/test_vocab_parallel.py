@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from references import entropy, forward_kl_buckets, full_logprobs, tail_logprob
+from helpers.references import entropy, forward_kl_buckets, full_logprobs, tail_logprob
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nemo_dcod.parallel import (

@@ -7,7 +7,7 @@ real ``SIGKILL`` of that rank's process: nothing is flushed, no ``finally`` runs
 
 Training takes its hooks as ``run_train(cfg, hooks=TrainHooks(...))``
 (:mod:`nemo_dcod.train.hooks`). This file is also the test entry point that passes them: every
-rank of ``python tests/faults.py train '<TrainHooks expression>' key=value ...`` runs
+rank of ``python tests/helpers/faults.py train '<TrainHooks expression>' key=value ...`` runs
 ``nemo-dcod train key=value ...`` with the hooks the expression builds (Lightning starts the
 other ranks with the same command line, so each builds its own):
 
@@ -119,5 +119,7 @@ def _train(argv: list[str]) -> None:
 
 if __name__ == "__main__":  # a guard is needed: checkpoint saving may spawn processes
     if sys.argv[1:2] != ["train"] or len(sys.argv) < 3:
-        raise SystemExit("usage: python tests/faults.py train '<TrainHooks expression>' key=value ...")
+        raise SystemExit(
+            "usage: python tests/helpers/faults.py train '<TrainHooks expression>' key=value ..."
+        )
     _train(sys.argv[2:])

@@ -33,6 +33,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from helpers.ports import free_ports
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 """Debian packages that hold the daemons and the client commands."""
 COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "munged")
@@ -76,19 +78,6 @@ def ensure_installed() -> None:
             raise ClusterUnavailable(f"apt-get install {' '.join(PACKAGES)} failed:\n{proc.stderr[-2000:]}")
     if missing_commands():
         raise ClusterUnavailable(f"still missing after apt-get install: {', '.join(missing_commands())}")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def _resolves_to_loopback(name: str) -> bool:
@@ -144,7 +133,7 @@ class LocalSlurm:
         self.base.chmod(0o755)
         for i in range(8):
             (self.base / "gpus" / f"nvidia{i}").touch()
-        ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        ctld_port, *node_ports = free_ports(1 + len(NODES))
         b = self.base
         nodes = "\n".join(
             f"NodeName={node} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs=112 Sockets=2 "
@@ -152,7 +141,7 @@ class LocalSlurm:
             for node, port in zip(NODES, node_ports, strict=True)
         )
         self.conf.write_text(
-            f"""# written by tests/slurm_cluster.py
+            f"""# written by tests/helpers/slurm_cluster.py
 ClusterName=dcodtest
 FirstJobId={random.randrange(1000, 9000)}
 SlurmctldHost=localhost

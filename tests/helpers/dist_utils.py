@@ -12,7 +12,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from nemo_dcod.parallel.launch import free_port
 
 
 def _detached(obj: Any) -> Any:
