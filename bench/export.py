@@ -73,7 +73,7 @@ if __name__ == "__main__":
 
 def _make_source(path: Path, size: str) -> int:
     import torch
-    from hf_tiny import make_tokenizer
+    from helpers.hf_tiny import make_tokenizer
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     hidden, layers, ffn, heads, kv, vocab = SIZES[size]
@@ -105,7 +105,7 @@ def _make_source(path: Path, size: str) -> int:
 
 
 def _identical(a: Path, b: Path) -> bool:
-    from hf_tiny import shard_files
+    from helpers.hf_tiny import shard_files
     from safetensors.torch import load_file
 
     def load(folder: Path) -> dict:

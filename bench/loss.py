@@ -50,7 +50,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -354,13 +353,6 @@ def _worker_main(args: argparse.Namespace, cfg: Config) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Job:
     """The ``tp`` worker processes (one per rank) of one measurement, and their output files."""
@@ -391,7 +383,9 @@ class Job:
 
 def _start(cfg: Config, tp: int, worker: str, variant: str = "") -> Job:
     """Start the ``tp`` ranks of one worker job (memory jobs with ``MALLOC_MMAP_THRESHOLD_``)."""
-    port = _free_port()
+    from nemo_dcod.parallel.launch import free_port
+
+    port = free_port()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if worker == "mem":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"

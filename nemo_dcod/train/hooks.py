@@ -2,7 +2,7 @@
 
 :func:`~nemo_dcod.train.run.run_train` takes an optional :class:`TrainHooks`; ``nemo-dcod train``
 passes none. The resume tests (``tests/distributed/test_train_resume.py``, through
-``tests/faults.py``) use them to SIGKILL every rank in the middle of a checkpoint write (a
+``tests/helpers/faults.py``) use them to SIGKILL every rank in the middle of a checkpoint write (a
 Lightning callback that reaches the checkpoint IO's save) and to let one rank see a complete
 checkpoint as incomplete (the per-rank view that :class:`~nemo_dcod.train.callbacks.ResumeAsRankZero`
 must overrule). Nothing here reads the environment: a hook reaches a run only as this argument.

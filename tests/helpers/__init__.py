@@ -15,6 +15,9 @@
   CPU, context parallelism included).
 * :mod:`helpers.faults`: hooks that SIGKILL a rank mid write, and the script
   ``python tests/helpers/faults.py train '<TrainHooks expression>' key=value ...``.
+* :mod:`helpers.grad_probe`: a callback recording each rank's reduced, unclipped gradient of every
+  parameter by its global name, and ``read_step`` reassembling them to full tensors (the layout
+  tests; also the script ``python tests/helpers/grad_probe.py <out_dir> <steps> key=value ...``).
 * :mod:`helpers.slurm_cluster`: a real local Slurm cluster (munged, slurmctld, four slurmd) for
   ``tests/slurm``.
 """
