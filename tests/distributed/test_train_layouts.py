@@ -244,10 +244,11 @@ def runs(
     Lightning starts), so two at a time fill the 2 cores; each process runs one thread and gloo's
     collectives are deterministic, so the numbers do not depend on what runs beside it.
     """
+    # This module's selected layouts only: other modules' tests may have a `layout` parameter too.
     selected = {
         item.callspec.params["layout"].name
         for item in request.session.items
-        if hasattr(item, "callspec") and "layout" in item.callspec.params
+        if hasattr(item, "callspec") and isinstance(item.callspec.params.get("layout"), Layout)
     }
     jobs = [("reference", 1, 1, ()), *((x.name, x.devices, x.micro_batch, x.overrides) for x in LAYOUTS)]
     jobs = [job for job in jobs if job[0] == "reference" or job[0] in selected]
