@@ -209,6 +209,7 @@ def _data_module(cfg: TrainConfig, layout: StoreLayout | None) -> Any:
             attention=layout.attention,
             doc_multiple=layout.doc_multiple,
             row_length=layout.row_length,
+            shuffle_seed=cfg.seed if d.shuffle else None,
         )
     return SyntheticTraceDataModule(
         vocab_size=d.vocab_size,
