@@ -8,9 +8,17 @@ dataloader is made), as NeMo's own pre-training data module does. Subclasses onl
 NeMo records a data module in a checkpoint's context by its arguments.
 
 :class:`StoreTraceDataModule` reads the packed store made by ``nemo-dcod prepare``. Training samples
-are the store's rows repeated in order as many times as ``max_steps x global_batch_size`` needs
-(Megatron's sampler does not start new epochs); the last ``num_val_samples`` rows are held out for
-validation. How batches keep packed documents apart depends on the attention that runs
+are the store's training rows, epoch after epoch, as many as ``max_steps x global_batch_size``
+needs (Megatron's sampler does not start new epochs: :class:`EpochRows` maps its global sample index
+to an epoch and a position in it). With ``shuffle`` (the default) each epoch serves the rows in a
+permutation of its own, drawn from ``(seed, epoch)``: as Megatron's ``GPTDataset`` and NeMo's packed
+SFT dataset do, and needed here because ``prepare``'s best-fit packing writes the longest documents
+first, so store order is a length curriculum whose global batches are far from i.i.d. The order is a
+pure function of the sample index, so every TP / PP / DP / vPP layout sees the same global batches
+(Megatron's sampler gives each data-parallel rank its fixed slice of each) and a resume from
+``consumed_samples`` continues the same permutation mid-epoch. ``num_val_samples`` rows are held out
+for validation (a seeded random subset with ``shuffle``, the store's last rows without), served in a
+fixed order. How batches keep packed documents apart depends on the attention that runs
 (:data:`ATTENTION_FORMS`): the ``[B, 1, S, S]`` block-diagonal causal mask for megatron-core's
 local attention (its unfused softmax applies it), Transformer Engine's THD boundaries
 (:mod:`nemo_dcod.data.thd`, one row per micro-batch), or nothing but causality when every row
@@ -20,15 +28,16 @@ holds one document.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from nemo.lightning import io
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ATTENTION_FORMS", "MegatronSampledDataModule", "RepeatedRows", "StoreTraceDataModule"]
+__all__ = ["ATTENTION_FORMS", "EpochRows", "MegatronSampledDataModule", "StoreTraceDataModule", "split_rows"]
 
 ATTENTION_FORMS = ("dense_mask", "thd", "causal")
 """How a store batch carries document boundaries: a dense block-diagonal mask (local attention),
@@ -104,19 +113,63 @@ class MegatronSampledDataModule(pl.LightningDataModule):
         self.data_sampler.if_first_step = 1
 
 
-class RepeatedRows(Dataset[dict[str, torch.Tensor]]):
-    """``rows`` of ``base`` (a range of it), repeated in order up to ``length`` samples."""
+class EpochRows(Dataset[dict[str, torch.Tensor]]):
+    """``rows`` of ``base``, epoch after epoch, up to ``length`` samples.
 
-    def __init__(self, base: Dataset[dict[str, torch.Tensor]], rows: range, length: int) -> None:
+    Sample ``i`` is in epoch ``e = i // len(rows)`` at position ``i % len(rows)``. With
+    ``shuffle_seed`` each epoch's order is its own permutation of ``rows``, drawn from
+    ``(shuffle_seed, e)`` alone (numpy's PCG64 through ``SeedSequence``): the same for every process
+    and layout, and any sample's row is known without replaying earlier epochs, so a resume at any
+    ``consumed_samples`` continues exactly. None: ``rows`` in their order every epoch.
+    """
+
+    def __init__(
+        self,
+        base: Dataset[dict[str, torch.Tensor]],
+        rows: Sequence[int],
+        length: int,
+        shuffle_seed: int | None,
+    ) -> None:
         if len(rows) == 0:
             raise ValueError("the store has no rows left for this split (lower data.num_val_samples).")
-        self.base, self.rows, self.length = base, rows, length
+        self.base, self.rows, self.length, self.shuffle_seed = base, list(rows), length, shuffle_seed
+        self._epoch, self._order = -1, self.rows
 
     def __len__(self) -> int:
         return self.length
 
+    def row(self, index: int) -> int:
+        """The store row that sample ``index`` serves."""
+        epoch, position = divmod(int(index), len(self.rows))
+        if self.shuffle_seed is None:
+            return self.rows[position]
+        if epoch != self._epoch:  # one permutation held: the sampler reads indices in order
+            rng = np.random.default_rng([self.shuffle_seed, epoch])
+            self._epoch, self._order = epoch, [self.rows[i] for i in rng.permutation(len(self.rows))]
+        return self._order[position]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.base[self.rows[int(index) % len(self.rows)]]
+        return self.base[self.row(index)]
+
+
+def split_rows(num_rows: int, num_val: int, shuffle_seed: int | None) -> tuple[list[int], list[int]]:
+    """``(train_rows, val_rows)`` of a store of ``num_rows`` rows, ``num_val`` of them held out.
+
+    With ``shuffle_seed`` the held-out rows are a random subset drawn from it (the store's tail holds
+    its shortest documents under best-fit packing, so the last rows would be a biased validation
+    set); without, the last rows. Both lists are in store order. At least one row stays for training.
+    """
+    held_out = min(num_val, num_rows - 1)
+    if held_out <= 0:
+        return list(range(num_rows)), []
+    if shuffle_seed is None:
+        val = list(range(num_rows - held_out, num_rows))
+    else:
+        # A stream of its own (the trailing 1), apart from the epochs' permutations.
+        picked = np.random.default_rng([shuffle_seed, 0, 1]).permutation(num_rows)[:held_out]
+        val = sorted(int(i) for i in picked)
+    chosen = set(val)
+    return [i for i in range(num_rows) if i not in chosen], val
 
 
 class StoreTraceDataModule(MegatronSampledDataModule, io.IOMixin):
@@ -126,11 +179,13 @@ class StoreTraceDataModule(MegatronSampledDataModule, io.IOMixin):
         path: the store directory (``out_dir`` of ``nemo-dcod prepare``).
         seq_length, micro_batch_size, global_batch_size: must match the store / the trainer.
         num_train_samples: training samples to serve (max_steps x global_batch_size).
-        num_val_samples: rows held out from the end of the store for validation (0: none).
+        num_val_samples: rows held out for validation (0: none; see :func:`split_rows`).
         attention: one of :data:`ATTENTION_FORMS`.
         doc_multiple, row_length: THD only (:func:`~nemo_dcod.data.thd.pad_row`): each document
             padded to a multiple of ``doc_multiple`` positions, rows to ``row_length`` tokens (the
             pipeline's sequence length); None: the store's.
+        shuffle_seed: each epoch's permutation of the training rows and the held-out subset are
+            drawn from it (:class:`EpochRows`); None: store order, the last rows held out.
     """
 
     def __init__(
@@ -144,6 +199,7 @@ class StoreTraceDataModule(MegatronSampledDataModule, io.IOMixin):
         attention: str = "dense_mask",
         doc_multiple: int = 1,
         row_length: int | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         from nemo_dcod.data.store import PackedStore, collate_packed
         from nemo_dcod.data.thd import collate_thd
@@ -155,13 +211,12 @@ class StoreTraceDataModule(MegatronSampledDataModule, io.IOMixin):
         store = PackedStore(path)
         if store.seq_length != seq_length:
             raise ValueError(f"{path}: rows of {store.seq_length} tokens, data.seq_length={seq_length}.")
-        held_out = min(num_val_samples, len(store) - 1)
-        train_rows = range(0, len(store) - held_out)
-        val_rows = range(len(store) - held_out, len(store)) if held_out else train_rows
-        self.train_ds = RepeatedRows(store, train_rows, num_train_samples)
-        # Whole global batches (the sampler drops a partial one): repeat the held-out rows as needed.
+        train_rows, val_rows = split_rows(len(store), num_val_samples, shuffle_seed)
+        self.train_ds = EpochRows(store, train_rows, num_train_samples, shuffle_seed)
+        # Whole global batches (the sampler drops a partial one): repeat the held-out rows as needed,
+        # always in one fixed order.
         val_length = -(-max(num_val_samples, 1) // global_batch_size) * global_batch_size
-        self.val_ds = RepeatedRows(store, val_rows, val_length)
+        self.val_ds = EpochRows(store, val_rows or train_rows, val_length, None)
         if attention == "thd":
             self.collate_fn = functools.partial(collate_thd, doc_multiple=doc_multiple, row_length=length)
         else:

@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _detached(obj: Any) -> Any:
+    """``obj`` with every tensor in it (in dicts, lists, tuples) detached from autograd."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_detached(v) for v in obj)
+    return obj
+
+
 def _entry(
     rank: int, fn: Callable[..., Any], world: int, port: int, threads: int, results: Any, args: tuple
 ) -> None:
@@ -46,9 +57,10 @@ def _entry(
         )
         dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
         # As bytes: a tensor put on a multiprocessing queue travels as a shared-memory handle that
-        # dies with this process, which may exit before the parent reads it.
+        # dies with this process, which may exit before the parent reads it. Without its graph:
+        # only what the rank computed travels.
         buffer = io.BytesIO()
-        torch.save(fn(rank, world, *args), buffer)
+        torch.save(_detached(fn(rank, world, *args)), buffer)
         results.put((rank, None, buffer.getvalue()))
     except BaseException:
         results.put((rank, traceback.format_exc(), None))
@@ -57,18 +69,31 @@ def _entry(
             dist.destroy_process_group()
 
 
-def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 1800.0) -> list[Any]:
+def run_local(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 1800.0,
+    start_method: Literal["spawn", "fork"] = "spawn",
+    threads: int | None = None,
+) -> list[Any]:
     """``[fn(rank, world_size, *args) for rank in range(world_size)]``, one process per rank.
 
-    ``fn`` must be importable (a module-level function) and its result picklable.
+    Args:
+        start_method: ``spawn`` (fresh interpreters: ``fn`` must be importable, a module-level
+            function) or ``fork`` (fast where torch is already imported and no CUDA or thread
+            pool exists yet, as in the tests; ``fn`` may then be a closure).
+        threads: torch threads per rank; None: the cores shared out over the ranks.
+
+    The result must be picklable (tensors arrive detached).
 
     Raises:
         RuntimeError: with the traceback of the first rank that failed, or on a timeout.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork") if start_method == "fork" else mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    threads = max(1, (os.cpu_count() or 1) // world_size)
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     procs = [
         ctx.Process(target=_entry, args=(rank, fn, world_size, port, threads, results, args))
         for rank in range(world_size)

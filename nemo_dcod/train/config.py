@@ -179,7 +179,13 @@ class DataSection:
     num_train_samples: int | None = None
     """Training samples; null: max_steps x global_batch_size."""
     num_val_samples: int = 16
-    """Validation samples."""
+    """Validation samples (store: rows held out, only when trainer.val_check_interval > 0)."""
+    shuffle: bool = True
+    """store: serve the training rows in a new permutation each epoch, drawn from the run's `seed`
+    and the epoch (the same global batches for every layout, resumable mid-epoch), and hold out a
+    seeded random subset for validation; false: store order every epoch (with prepare's best_fit
+    packing, longest documents first: a length curriculum) and the last rows held out. The synthetic
+    source draws i.i.d. samples either way."""
     topk: int = 4
     """Teacher top-k stored per token (needed by the kl/todi losses and DisCorD's kl base)."""
     seed: int = 0
