@@ -10,23 +10,53 @@ checkpoint, all at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from nemo_dcod.config import choice_problems
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "FP32_FACTOR",
+    "FP32_FLOOR",
     "LOW_PRECISION_FACTORS",
-    "TOLERANCE",
     "ExportConfig",
     "ImportConfig",
     "VerifySection",
+    "fp32_tolerance",
 ]
 
-# Max |logit difference| allowed between the two sides computing in fp32: the same math in a
-# different order, measured <= 1.1e-5 on the tests' tiny random models (logits up to ~8), on CPU, for
-# Llama, Qwen2 and Qwen3, from fp32 and from bf16 checkpoints (bf16 weights widen exactly).
-TOLERANCE: dict[str, float] = {"fp32": 1e-4}
+# Computing in fp32, both sides run the same math in a different order (fused vs unfused kernels,
+# another reduction split), so their logits differ by fp32 rounding, which grows with the logits'
+# size, the depth and the width: a dot product of length K carries a rounding error ~ eps * sqrt(K)
+# of its size (random-walk accumulation), and L residual blocks add theirs. The bound is therefore
+#     tolerance = FP32_FACTOR * eps32 * max|logit| * sqrt(num_layers * hidden_size),
+# never below FP32_FLOOR (the former fixed bound, which held on every tiny test model).
+# Measured (max over 5 rows of 32 tokens): transformers' own two fp32 orders (sdpa vs eager
+# attention) on SmolLM2-135M differ by 9.9e-5, fp32 vs fp64 by 1.6e-4 (logits up to 34-41): the
+# ratio |dlogit| / (eps32 * max|logit| * sqrt(L * H)) is 0.09-0.29 on SmolLM2's first 2..30 layers and
+# 0.26-0.34 on random Llamas of 4-16 layers x 128-1024 (fp32 vs fp64), so FP32_FACTOR = 4 leaves
+# >= 10x over rounding. What it gives at max|logit| = 40 (eps32 = 1.19e-7): SmolLM2-135M (30 x 576)
+# 2.5e-3; Llama-3.1-8B (32 x 4096) 6.9e-3; Llama-3.1-70B (80 x 8192) 1.5e-2. Wrong conversions are
+# far above it: on SmolLM2 one layer's gate/up swapped moves the logits by 9-62, RoPE base off by 1%
+# by 0.095 (over 32-token rows; the error grows with position).
+FP32_FACTOR = 4.0
+FP32_FLOOR = 1e-4
+
+
+def fp32_tolerance(logit_scale: float, num_layers: int, hidden_size: int) -> float:
+    """The fp32 bound on max |logit difference| for a model of this depth and width whose reference
+    logits reach ``logit_scale`` in absolute value (see :data:`FP32_FACTOR`).
+
+    Args:
+        logit_scale: max |logit| of the reference side over the compared rows.
+        num_layers: transformer layers.
+        hidden_size: the residual stream's width.
+    """
+    eps = 2.0**-23  # torch.finfo(torch.float32).eps
+    scaled = FP32_FACTOR * eps * logit_scale * math.sqrt(max(num_layers, 1) * max(hidden_size, 1))
+    return max(FP32_FLOOR, scaled)
+
 
 # Computing in bf16/fp16 (verify.dtype=checkpoint), no fixed bound works: rounding errors grow with
 # depth, width and logit size. Measured, HF vs NeMo both in bf16, on tiny random bf16 models: max
@@ -60,11 +90,13 @@ class VerifySection:
     """Tokens per row (prompts are truncated to it)."""
     dtype: str = field(default="fp32", metadata={"choices": ("fp32", "checkpoint")})
     """Compute dtype of both sides: fp32 (bf16/fp16 weights upcast exactly: checks the conversion to
-    1e-4 whatever the checkpoint's dtype), or checkpoint (the checkpoint's own dtype, for an export
-    the HF folder's: also checks the two implementations' low-precision kernels, against a bound
-    relative to the reference's own low-precision error; see LOW_PRECISION_FACTORS)."""
+    fp32 rounding whatever the checkpoint's dtype; see FP32_FACTOR), or checkpoint (the checkpoint's
+    own dtype, for an export the HF folder's: also checks the two implementations' low-precision
+    kernels, against a bound relative to the reference's own low-precision error; see
+    LOW_PRECISION_FACTORS)."""
     tolerance: float | None = None
-    """Max |logit difference| allowed between the two sides; null: 1e-4 in fp32, and in bf16/fp16
+    """Max |logit difference| allowed between the two sides; null: in fp32 4 * eps32 * max|logit| *
+    sqrt(layers * hidden) (at least 1e-4; 2.5e-3 for SmolLM2-135M, 6.9e-3 for an 8B Llama), and in bf16/fp16
     the relative bound (the other side's error vs the reference's fp32 logits within 4x the
     reference's own bf16 error on the max, 2x on the mean)."""
     seed: int = 0

@@ -4,9 +4,13 @@ Both sides run the same rows of token ids: the configured prompts, tokenized by 
 tokenizer, plus rows of random ids over the whole vocabulary (a prompt touches a few embedding
 rows; random rows touch many). One row at a time, no padding, every position compared, logits in
 float32. The result is the max and the mean absolute difference over all of them. Computing in
-fp32 the check fails above :data:`~nemo_dcod.convert.config.TOLERANCE` (1e-4); computing in
-bf16/fp16 (``verify.dtype=checkpoint``) the reference also runs in fp32 and the other side's error
-against those exact logits must stay within a factor of the reference's own low-precision error
+fp32 the check fails above a bound that follows what fp32 can promise for that model:
+``4 * eps32 * max|logit| * sqrt(layers * hidden)``, at least 1e-4
+(:func:`~nemo_dcod.convert.config.fp32_tolerance`; 2.5e-3 for SmolLM2-135M, 6.9e-3 for
+Llama-3.1-8B, 1.5e-2 for Llama-3.1-70B at logits up to 40, where a fixed 1e-4 refused correct
+conversions of a 135M model already). Computing in bf16/fp16 (``verify.dtype=checkpoint``) the
+reference also runs in fp32 and the other side's error against those exact logits must stay within
+a factor of the reference's own low-precision error
 (:data:`~nemo_dcod.convert.config.LOW_PRECISION_FACTORS`: no fixed bound fits every model size).
 
 The NeMo side is loaded as every stage loads a checkpoint (:mod:`nemo_dcod.model.loading`: no
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 
-from nemo_dcod.convert.config import LOW_PRECISION_FACTORS, TOLERANCE, VerifySection
+from nemo_dcod.convert.config import LOW_PRECISION_FACTORS, VerifySection, fp32_tolerance
 from nemo_dcod.model.loading import load_nemo_model, megatron_parallel, nemo_logits
 
 __all__ = [
@@ -43,7 +47,7 @@ class VerificationError(RuntimeError):
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``fp32`` | ``bf16`` | ``fp16`` (the keys of :data:`TOLERANCE`)."""
+    """``fp32`` | ``bf16`` | ``fp16``."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
@@ -51,7 +55,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 class Comparison:
     """Max / mean |logit difference| of two models over the same rows.
 
-    In fp32 (or with an explicit ``verify.tolerance``) the check is ``max_abs <= tolerance``. In
+    In fp32 (or with an explicit ``verify.tolerance``) the check is ``max_abs <= tolerance``, the
+    fp32 default scaled to the model (``model_shape``, ``logit_scale``: :func:`fp32_tolerance`). In
     bf16/fp16 the reference side also ran in fp32 (the exact logits of its weights), and the check
     is relative (:data:`~nemo_dcod.convert.config.LOW_PRECISION_FACTORS`): the other side's error
     against those fp32 logits (``error_max``, ``error_mean``) within a factor of the reference's
@@ -67,6 +72,8 @@ class Comparison:
     tokens: int
     logit_scale: float = 0.0
     """max |logit| of the reference side (bf16 differences grow with it)."""
+    model_shape: tuple[int, int] | None = None
+    """(layers, hidden size) the fp32 default bound was scaled to; None: an explicit or relative bound."""
     reference_error_max: float | None = None
     reference_error_mean: float | None = None
     error_max: float | None = None
@@ -92,6 +99,13 @@ class Comparison:
         )
 
     @property
+    def margin(self) -> float | None:
+        """tolerance / max_abs (absolute bounds only): how far inside the bound the conversion is."""
+        if self.tolerance is None:
+            return None
+        return self.tolerance / self.max_abs if self.max_abs > 0 else float("inf")
+
+    @property
     def passed(self) -> bool:
         """Within the bound (and finite)."""
         if not self.relative:
@@ -107,7 +121,11 @@ class Comparison:
             f"{self.rows} rows / {self.tokens} tokens (logits up to {self.logit_scale:.3g}; {self.dtype}"
         )
         if not self.relative:
-            return f"{head}, tolerance {self.tolerance:g}): {verdict}"
+            scaled = ""
+            if self.model_shape is not None:
+                scaled = f" = fp32 bound for {self.model_shape[0]} layers x {self.model_shape[1]}"
+            margin = f", margin {self.margin:.1f}x" if self.passed and self.margin is not None else ""
+            return f"{head}, tolerance {self.tolerance:.3g}{scaled}{margin}): {verdict}"
         r_max, r_mean = self.ratios()
         return (
             f"{head}); against the reference's fp32 logits: max {self.error_max:.3e}, mean "
@@ -128,6 +146,12 @@ class Comparison:
             "logit_scale": self.logit_scale,
             "passed": self.passed,
         }
+        if self.model_shape is not None:
+            out["fp32_bound"] = {
+                "num_layers": self.model_shape[0],
+                "hidden_size": self.model_shape[1],
+                "rule": "max(1e-4, 4 * eps32 * logit_scale * sqrt(num_layers * hidden_size))",
+            }
         if self.reference_error_max is not None:
             out["vs_reference_fp32"] = {
                 "max_abs_logit_diff": self.error_max,
@@ -184,18 +208,22 @@ def compare_logits(
     dtype: torch.dtype,
     tolerance: float | None,
     reference_fp32: Sequence[torch.Tensor] | None = None,
+    *,
+    model_shape: tuple[int, int] | None = None,
 ) -> Comparison:
     """Compare per-row ``[S, V]`` logits (other may carry padded vocabulary columns: ignored).
 
     Args:
         reference, other: the two sides' logits, computed in ``dtype``.
         dtype: the compute dtype of both sides.
-        tolerance: an absolute bound on max |reference - other|; None: 1e-4 in fp32, the relative
-            bound in bf16/fp16 (needs ``reference_fp32``).
+        tolerance: an absolute bound on max |reference - other|; None: in fp32 the bound scaled to
+            the model (needs ``model_shape``), in bf16/fp16 the relative bound (needs ``reference_fp32``).
         reference_fp32: the reference side's logits with its weights upcast to fp32 (bf16/fp16 only).
+        model_shape: (transformer layers, hidden size) of the compared models (fp32 default bound).
 
     Raises:
-        ValueError: a low-precision dtype without ``tolerance`` nor ``reference_fp32``.
+        ValueError: a low-precision dtype without ``tolerance`` nor ``reference_fp32``; fp32 without
+            ``tolerance`` nor ``model_shape``.
     """
     max_abs, mean_abs = _abs_diff(reference, other)
     name = dtype_name(dtype)
@@ -205,14 +233,22 @@ def compare_logits(
             raise ValueError(f"compare_logits: {name} without a tolerance needs the reference's fp32 logits.")
         extra["reference_error_max"], extra["reference_error_mean"] = _abs_diff(reference_fp32, reference)
         extra["error_max"], extra["error_mean"] = _abs_diff(reference_fp32, other)
+    logit_scale = max(float(r.abs().max()) for r in reference)
+    scaled_to = None
+    if tolerance is None and name == "fp32":
+        if model_shape is None:
+            raise ValueError("compare_logits: fp32 without a tolerance needs the model's (layers, hidden).")
+        tolerance = fp32_tolerance(logit_scale, *model_shape)
+        scaled_to = model_shape
     return Comparison(
         max_abs=max_abs,
         mean_abs=mean_abs,
-        tolerance=TOLERANCE["fp32"] if tolerance is None and name == "fp32" else tolerance,
+        tolerance=tolerance,
         dtype=name,
         rows=len(reference),
         tokens=sum(int(r.shape[0]) for r in reference),
-        logit_scale=max(float(r.abs().max()) for r in reference),
+        logit_scale=logit_scale,
+        model_shape=scaled_to,
         **extra,
     )
 
@@ -267,6 +303,7 @@ def compare_hf_nemo(
     elif fp32:
         model = model.to(torch.float32)
     compute: torch.dtype = torch.float32 if fp32 else model.dtype
+    shape = (int(model.config.num_hidden_layers), int(model.config.hidden_size))
     rows = verification_rows(tokenizer, settings, min(len(tokenizer), model.config.vocab_size))
     reference = hf_logits(model, rows)
     reference_fp32 = None
@@ -278,7 +315,7 @@ def compare_hf_nemo(
         logits = nemo_logits(mcore, rows)
         assert logits is not None  # one process: it is the last pipeline stage
         del mcore
-    return compare_logits(reference, logits, compute, settings.tolerance, reference_fp32)
+    return compare_logits(reference, logits, compute, settings.tolerance, reference_fp32, model_shape=shape)
 
 
 def compare_nemo_nemo(reference: Path, other: Path, settings: VerifySection) -> Comparison:
@@ -305,9 +342,12 @@ def compare_nemo_nemo(reference: Path, other: Path, settings: VerifySection) -> 
             if not results:
                 vocab = min(len(hf_tokenizer), int(nemo_model.config.vocab_size))
                 rows = verification_rows(hf_tokenizer, settings, vocab)
+                shape = (int(nemo_model.config.num_layers), int(nemo_model.config.hidden_size))
             logits = nemo_logits(mcore, rows)
             assert logits is not None  # one process: it is the last pipeline stage
             results.append(logits)
             del mcore
     reference_fp32 = results[2] if len(results) > 2 else None
-    return compare_logits(results[0], results[1], compute, settings.tolerance, reference_fp32)
+    return compare_logits(
+        results[0], results[1], compute, settings.tolerance, reference_fp32, model_shape=shape
+    )
