@@ -9,6 +9,7 @@ mean of per-micro-batch ratios:
     gate ESS  = (Σ g)² / (n Σ g²)                 (DisCorD's gate alone: the weights' ESS at λ = 1)
     Δ mean    = Σ Δ / n,  Δ std = sqrt(Σ Δ² / n - mean²)
     clipped   = #{|Δ_raw| > c} / n
+    capped    = #{w lowered to w_max} / n       (DisCorD's optional cap)
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ __all__ = ["WEIGHT_HIST_EDGES", "derive_metrics", "reduce_metrics", "weight_sums
 # Histogram bins of w: [0, 0.25), [0.25, 0.5), ..., [3.75, 4), [4, inf).
 WEIGHT_HIST_EDGES: tuple[float, ...] = tuple(0.25 * i for i in range(17))
 
-_DERIVED = ("weight_mean", "ess", "delta_mean", "delta_std", "clip_fraction", "g_mean", "gate_ess")
+_DERIVED = (
+    "weight_mean",
+    "ess",
+    "delta_mean",
+    "delta_std",
+    "clip_fraction",
+    "capped_fraction",
+    "g_mean",
+    "gate_ess",
+)
 _SUMMED = (
     "tokens",
     "weight_sum",
@@ -37,6 +47,7 @@ _SUMMED = (
     "clipped_count",
     "g_sum",
     "g_sq_sum",
+    "capped_count",
 )
 
 
@@ -46,8 +57,10 @@ def weight_sums(
     delta: Tensor | None = None,
     clipped: Tensor | None = None,
     g: Tensor | None = None,
+    capped: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Local sums of the weight diagnostics over loss tokens. All tensors ``[B, S]``, detached."""
+    """Local sums of the weight diagnostics over loss tokens. All tensors ``[B, S]``, detached
+    (``capped``: bool, the weights a cap lowered)."""
     w = masked(weights.detach().to(torch.float64), mask)
     out = {
         "tokens": mask.sum().to(torch.float64),
@@ -63,6 +76,8 @@ def weight_sums(
         out["clipped_count"] = (clipped & mask).sum().to(torch.float64)
     if g is not None:
         out["g_sum"] = masked(g.detach().to(torch.float64), mask).sum()
+    if capped is not None:
+        out["capped_count"] = (capped & mask).sum().to(torch.float64)
     return out
 
 
@@ -92,6 +107,8 @@ def derive_metrics(sums: dict[str, Tensor]) -> dict[str, Tensor]:
         out["delta_std"] = scalar(math.sqrt(max(float(sums["delta_sq_sum"]) / n - mean * mean, 0.0)))
     if "clipped_count" in sums:
         out["clip_fraction"] = scalar(float(sums["clipped_count"]) / n)
+    if "capped_count" in sums:
+        out["capped_fraction"] = scalar(float(sums["capped_count"]) / n)
     if "g_sum" in sums:
         out["g_mean"] = scalar(float(sums["g_sum"]) / n)
     if "g_sum" in sums and "g_sq_sum" in sums:  # the gate's ESS, ḡ² / mean(g²): what the ESS guard reads

@@ -7,7 +7,8 @@ Models", arXiv 2605.14071 (2026). Our formulation of its public description (DES
     lp_t = log p(y_t | x, y_<t)                      (stored offline)
     Δ_t  = clip(stopgrad(lq_t) - lp_t, -c, c)        (or its prefix / sequence variant)
     g_t  = sigmoid((Δ_t - b) / τ)                    (b = 0, or the global masked mean of Δ)
-    w_t  = (1 - λ) + λ · g_t / ḡ                     (ḡ: global masked mean of g; λ scheduled)
+    w_t  = min((1 - λ) + λ · g_t / ḡ, w_max)         (ḡ: global masked mean of g; λ scheduled;
+                                                      w_max: an optional cap, off by default)
     ℓ_t  = -lq_t                                      (base "ce")
          | KL_topk+tail(p_t || q_θ,t)                (base "kl")
     L    = Σ_t m_t w_t ℓ_t / N                        (N: global count of loss tokens)
@@ -18,10 +19,11 @@ prefixes leans towards the student's own distribution. Weights never carry gradi
 
 Global statistics. ``b`` and ``ḡ`` are means over the *global* batch. They are scalars fixed
 before the backward: pass them in ``LossContext.stats`` (computed by :meth:`DisCorDLoss.weight_stats`
-over all micro-batches of the step, or carried from the previous step: the NeMo plug-in's default,
-``stats=previous_step``), and the gradient is the same for any split into data-parallel ranks and
-micro-batches. Without them the loss reduces its own micro-batch's statistics over
-``ctx.dp_group``. Δ's variants live in :mod:`nemo_dcod.losses.variants`.
+over all micro-batches of the step, or carried from the previous step: ``stats=previous_step``, the
+default of both the NeMo plug-in and the plain Megatron ``loss_func``; :mod:`nemo_dcod.losses.carry`
+gives the formula: ḡ is measured with the very b the next step gates with), and the gradient is the
+same for any split into data-parallel ranks and micro-batches. Without them the loss reduces its own
+micro-batch's statistics over ``ctx.dp_group``. Δ's variants live in :mod:`nemo_dcod.losses.variants`.
 
 Fused path (``fused=true``, the default): Δ, gate, weights and the diagnostics' sums come from one
 pure function of :mod:`nemo_dcod.losses.weights` with λ, b and ḡ as device scalars (compiled on
@@ -47,6 +49,7 @@ The module imports no torch until the loss runs (:mod:`nemo_dcod.losses.registry
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -93,6 +96,9 @@ class DisCorDLoss:
     optimizer step's whole global batch, carried in checkpoints; a step's gradient does not depend
     on how its batch is split, the first step of a run has λ = 0) | micro_batch (each micro-batch's
     own, reduced over data-parallel ranks)."""
+    w_max: float | None = None
+    """An optional cap on each token's weight, w = min(w, w_max) (>= 1: the weights average 1);
+    metrics.jsonl logs capped_fraction, the share of loss tokens it lowered; null: no cap."""
     ess_floor: float = 0.0
     """The ESS guard, a fallback toward SFT when the weights degenerate: > 0 caps λ so that the
     weights' effective sample size (Σw)²/(nΣw²) on the statistics' batch (the previous step's)
@@ -126,6 +132,8 @@ class DisCorDLoss:
             out.append(f"tau={self.tau}: must be > 0.")
         if not self.clip > 0:
             out.append(f"clip={self.clip}: must be > 0.")
+        if self.w_max is not None and not self.w_max >= 1:
+            out.append(f"w_max={self.w_max}: must be >= 1 (the weights average 1), or null for no cap.")
         if not 0 <= self.ess_floor < 1:
             out.append(f"ess_floor={self.ess_floor}: must be in [0, 1) (0: no guard).")
         if self.window < 1:
@@ -185,37 +193,48 @@ class DisCorDLoss:
         return sigmoid_gate(delta, stats.delta_mean if self.center else 0.0, self.tau)
 
     def weight_stats(self, micro_batches: list[LossInputs], group: ProcessGroup | None) -> WeightStats:
-        """b and ḡ over all ``micro_batches`` of this rank and all ranks of ``group``.
+        """b, ḡ and the mean of g² over all ``micro_batches`` of this rank and all ranks of ``group``.
 
-        One all-reduce for (Σ m Δ, Σ m); a second for Σ m g and Σ m g² once b is known. Call it on the step's
-        micro-batches (a forward-only pre-pass) for statistics exact over the global batch.
+        Call it on the step's micro-batches (a forward-only pre-pass) for statistics exact over the
+        global batch; :meth:`deltas_stats` does the reductions.
+        """
+        return self.deltas_stats([(self.delta(mb)[0], mb.mask) for mb in micro_batches], group)
+
+    def deltas_stats(self, deltas: list[tuple[Tensor, Tensor]], group: ProcessGroup | None) -> WeightStats:
+        """b, ḡ and the mean of g² of ``(Δ [B, S], bool mask [B, S])`` pairs on this rank and ``group``.
+
+        b = Σ m Δ / Σ m (reported always, used by the gate only with centring), then ḡ and mean g²
+        with g = sigmoid((Δ - b) / τ), the b just measured (0 without centring): one all-reduce for
+        (Σ m Δ, Σ m) and one for (Σ m g, Σ m g²), in float64. No loss token anywhere: b = 0, ḡ = 1.
         """
         import torch
 
         from nemo_dcod.losses.types import WeightStats, masked
         from nemo_dcod.losses.weights import all_reduce_sum
 
-        deltas = [(self.delta(mb)[0], mb.mask) for mb in micro_batches]
+        f64 = torch.float64
+        device = deltas[0][0].device if deltas else torch.device("cpu")
+        zero = torch.zeros((), dtype=f64, device=device)
         delta_sum, count = all_reduce_sum(
             [
-                sum((masked(d, m).sum() for d, m in deltas), torch.zeros(())),
-                sum((m.sum() for _, m in deltas), torch.zeros(())),
+                sum((masked(d.to(f64), m).sum() for d, m in deltas), zero),
+                sum((m.sum().to(f64) for _, m in deltas), zero),
             ],
             group,
         )
         n = max(float(count), 1.0)
-        provisional = WeightStats(delta_mean=float(delta_sum) / n, g_mean=1.0)
-        gates = [(self.gate(d, provisional), m) for d, m in deltas]
+        b = float(delta_sum) / n
+        gates = [(self.gate(d.to(f64), WeightStats(delta_mean=b, g_mean=1.0)), m) for d, m in deltas]
         g_sum, g_sq_sum = all_reduce_sum(
             [
-                sum((masked(g, m).sum() for g, m in gates), torch.zeros(())),
-                sum((masked(g * g, m).sum() for g, m in gates), torch.zeros(())),
+                sum((masked(g, m).sum() for g, m in gates), zero),
+                sum((masked(g * g, m).sum() for g, m in gates), zero),
             ],
             group,
         )
-        g_mean = float(g_sum) / n if float(count) > 0 else 1.0
-        g_sq_mean = float(g_sq_sum) / n if float(count) > 0 else 1.0
-        return WeightStats(delta_mean=provisional.delta_mean, g_mean=g_mean, g_sq_mean=g_sq_mean)
+        if float(count) <= 0:
+            return WeightStats(delta_mean=0.0, g_mean=1.0, g_sq_mean=1.0)
+        return WeightStats(delta_mean=b, g_mean=float(g_sum) / n, g_sq_mean=float(g_sq_sum) / n)
 
     def __call__(self, inputs: LossInputs, ctx: LossContext) -> LossOutput:
         """``(Σ_t m_t w_t ℓ_t, Σ_t m_t, metrics)`` for one micro-batch."""
@@ -244,11 +263,14 @@ class DisCorDLoss:
         lam = float(
             self.guard(torch.tensor(scheduled, dtype=f64), torch.tensor(stats.g_mean, dtype=f64), g_sq)
         )
+        if ctx.carry is not None:
+            ctx.carry.keep(ctx.step, delta, mask)
         g = self.gate(delta, stats)
         g_mean = stats.g_mean if stats.g_mean > 0 else 1.0
-        weights = mix_weights(g, g_mean, lam).detach()
+        uncapped = mix_weights(g, g_mean, lam).detach()
+        weights = uncapped if self.w_max is None else uncapped.clamp(max=self.w_max)
         loss_sum = masked(weights * self._per_token(inputs), mask).sum()
-        metrics = weight_sums(weights, mask, delta=delta, clipped=clipped, g=g)
+        metrics = weight_sums(weights, mask, delta=delta, clipped=clipped, g=g, capped=uncapped > weights)
         metrics.update(self._lambda_metrics(torch.tensor(lam, dtype=f64), scheduled, g, mask))
         return loss_sum, mask.sum(), metrics
 
@@ -294,6 +316,7 @@ class DisCorDLoss:
             return torch.tensor(x, dtype=kind, device=dev)
 
         f64 = torch.float64
+        cap = scalar(math.inf if self.w_max is None else self.w_max)
         if ctx.stats is not None or ctx.stats_pending:
             stats = ctx.stats if ctx.stats is not None else WeightStats(delta_mean=0.0, g_mean=1.0)
             center, g_mean = scalar(stats.delta_mean if self.center else 0.0), scalar(stats.g_mean)
@@ -301,8 +324,8 @@ class DisCorDLoss:
             lam = self.guard(scalar(scheduled, f64), scalar(stats.g_mean, f64), g_sq)
         if self.variant == "token" and (ctx.stats is not None or ctx.stats_pending):
             # The plug-in's default (carried statistics): one function from the log-probs on.
-            weights, _, g, sums = fused(token_weight_chain, dev)(
-                lq, inputs.teacher_logprobs, mask, lam.to(dtype), center, g_mean, self.clip, self.tau
+            weights, delta, g, sums = fused(token_weight_chain, dev)(
+                lq, inputs.teacher_logprobs, mask, lam.to(dtype), center, g_mean, self.clip, self.tau, cap
             )
         else:
             delta, clipped = self.delta(inputs)
@@ -310,11 +333,13 @@ class DisCorDLoss:
                 center, g_mean, g_sq_mean = self._device_stats(delta, mask, ctx)
                 lam = self.guard(scalar(scheduled, f64), g_mean.to(f64), g_sq_mean)
             weights, g, sums = fused(weight_chain, dev)(
-                delta, clipped, mask, lam.to(dtype), center, g_mean, self.tau
+                delta, clipped, mask, lam.to(dtype), center, g_mean, self.tau, cap
             )
+        if ctx.carry is not None:
+            ctx.carry.keep(ctx.step, delta, mask)
         loss_sum = masked(weights * self._per_token(inputs), mask).sum()
         keys = ("tokens", "weight_sum", "weight_sq_sum", "delta_sum", "delta_sq_sum", "clipped_count")
-        metrics = dict(zip((*keys, "g_sum", "weight_hist"), sums, strict=True))
+        metrics = dict(zip((*keys, "g_sum", "capped_count", "weight_hist"), sums, strict=True))
         metrics.update(self._lambda_metrics(lam, scheduled, g, mask))
         return loss_sum, mask.sum(), metrics
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from nemo_dcod.losses.registry import LossRequirements
+
+if TYPE_CHECKING:
+    from nemo_dcod.losses.carry import CarriedStats
 
 __all__ = ["LossContext", "LossInputs", "LossOutput", "LossRequirements", "TokenLoss", "WeightStats"]
 
@@ -92,6 +95,9 @@ class LossContext:
             step of a run): the weights are 1 (λ = 0) for this step, whatever the schedule says,
             so that no step depends on how its batch is split.
         validate: check inputs (finite, in range); costs a device sync per micro-batch.
+        carry: where a loss that carries statistics from step to step hands this micro-batch's Δ
+            (:meth:`~nemo_dcod.losses.carry.CarriedStats.keep`), to measure the step's statistics
+            when it ends; None: nothing is kept (validation, explicit or per-micro-batch statistics).
     """
 
     step: int = 0
@@ -100,6 +106,7 @@ class LossContext:
     stats: WeightStats | None = None
     stats_pending: bool = False
     validate: bool = True
+    carry: CarriedStats | None = None
 
 
 class TokenLoss(Protocol):
@@ -139,6 +146,13 @@ def validate_inputs(inputs: LossInputs, requirements: LossRequirements) -> None:
     _check_shape("teacher_logprobs", inputs.teacher_logprobs, shape)
     _check_shape("student_tail_logprobs", inputs.student_tail_logprobs, shape)
     _check_shape("segment_ids", inputs.segment_ids, shape)
+    if requirements.whole_documents and inputs.segment_ids is None:
+        raise ValueError(
+            "segment_ids: this loss forms Δ over whole documents (DisCorD's prefix/sequence/sum/"
+            "centered/min variants, iw_sft) and needs each token's document index [B, S] (the packed "
+            "store's segment_ids; zeros for a row of one document). Without them a packed row would "
+            "be taken for one document."
+        )
     if requirements.teacher_logprobs and inputs.teacher_logprobs is None:
         raise ValueError("teacher_logprobs: this loss needs the stored teacher log-probs (run `score`).")
     if requirements.teacher_topk:

@@ -141,7 +141,7 @@ def sigmoid_gate(delta: Tensor, center: Scalar, tau: float) -> Tensor:
 
 
 def mix_weights(g: Tensor, g_mean: Scalar, lam: Scalar) -> Tensor:
-    """w = (1 - λ) + λ · g / ḡ, shaped like ``g``."""
+    """w = (1 - λ) + λ · g / ḡ, shaped like ``g`` (before any cap)."""
     return (1.0 - lam) + lam * g / g_mean
 
 
@@ -158,26 +158,34 @@ def _sum64(values: Tensor, mask: Tensor) -> Tensor:
     return masked(values.to(torch.float64), mask).sum()
 
 
-ChainSums = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-"""float64 sums over loss tokens: (tokens, Σw, Σw², Σ Δ, Σ Δ², #clipped, Σ g, weight histogram)."""
+ChainSums = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+"""float64 sums over loss tokens: (tokens, Σw, Σw², Σ Δ, Σ Δ², #clipped, Σ g, #capped, weight histogram)."""
 
 
 def weight_chain(
-    delta: Tensor, clipped: Tensor, mask: Tensor, lam: Tensor, center: Tensor, g_mean: Tensor, tau: float
+    delta: Tensor,
+    clipped: Tensor,
+    mask: Tensor,
+    lam: Tensor,
+    center: Tensor,
+    g_mean: Tensor,
+    tau: float,
+    w_max: Tensor,
 ) -> tuple[Tensor, Tensor, ChainSums]:
     """Gate, weights and their diagnostic sums from Δ, in one pure function (fusable).
 
     Args:
         delta: ``[B, S]`` Δ (0 off the mask). clipped: ``[B, S]`` bool. mask: ``[B, S]`` bool.
         lam: 0-dim λ. center: 0-dim b (0 without centring). g_mean: 0-dim ḡ (1 is used when <= 0).
-        tau: τ > 0.
+        tau: τ > 0. w_max: 0-dim cap on w (inf: none); the tokens it lowered are counted.
 
     Returns:
         ``(weights [B, S], g [B, S], sums)``: the weights (not masked, detached inputs only) and the
         :data:`ChainSums` of the diagnostics.
     """
     g = sigmoid_gate(delta, center, tau)
-    weights = mix_weights(g, torch.where(g_mean > 0, g_mean, torch.ones_like(g_mean)), lam)
+    uncapped = mix_weights(g, torch.where(g_mean > 0, g_mean, torch.ones_like(g_mean)), lam)
+    weights = torch.minimum(uncapped, w_max.to(uncapped.dtype))
     sums = (
         mask.sum().to(torch.float64),
         _sum64(weights, mask),
@@ -186,6 +194,7 @@ def weight_chain(
         _sum64(delta * delta, mask),
         (clipped & mask).sum().to(torch.float64),
         _sum64(g, mask),
+        ((uncapped > weights) & mask).sum().to(torch.float64),
         masked_histogram(weights, mask),
     )
     return weights, g, sums
@@ -200,19 +209,20 @@ def token_weight_chain(
     g_mean: Tensor,
     clip: float,
     tau: float,
+    w_max: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, ChainSums]:
     """The whole token-variant chain from the log-probs: Δ, gate, weights and sums (fusable).
 
     Args:
         student_logprobs: ``[B, S]`` lq (its gradient is not used). teacher_logprobs: ``[B, S]`` lp.
-        mask: ``[B, S]`` bool. lam, center, g_mean: 0-dim λ, b, ḡ. clip: c. tau: τ.
+        mask: ``[B, S]`` bool. lam, center, g_mean, w_max: 0-dim λ, b, ḡ, cap. clip: c. tau: τ.
 
     Returns:
         ``(weights, delta, g, sums)``, all ``[B, S]`` but the :data:`ChainSums`.
     """
     delta, clipped = clip_delta(log_ratio(student_logprobs, teacher_logprobs, mask), clip)
     delta = masked(delta, mask)
-    weights, g, sums = weight_chain(delta, clipped, mask, lam, center, g_mean, tau)
+    weights, g, sums = weight_chain(delta, clipped, mask, lam, center, g_mean, tau, w_max)
     return weights, delta, g, sums
 
 

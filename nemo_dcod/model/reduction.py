@@ -12,26 +12,28 @@ that is logged (the global token-weighted mean) and keeps the DisCorD diagnostic
 
 **Weight statistics** (DisCorD's ḡ and centring mean b) are global means over a batch. With
 ``stats="previous_step"`` (the default) every micro-batch of step t uses those of step t-1's whole
-global batch (:attr:`DistillLossReduction.carried`, measured by :meth:`~DistillLossReduction.reduce`
-from the step's summed diagnostics, over all micro-batches and data-parallel x context-parallel
-ranks): a step's gradient then does not depend on its data-parallel size, micro-batch size or
-number of micro-batches, at no extra cost. The first step of a run has none to use and trains
+global batch (:attr:`DistillLossReduction.carried`, a :class:`~nemo_dcod.losses.carry.CarriedStats`:
+each micro-batch's Δ is kept, and :meth:`~DistillLossReduction.reduce` measures b, then ḡ with that
+same b, over all micro-batches and data-parallel x context-parallel ranks; the formula is in
+:mod:`nemo_dcod.losses.carry`): a step's gradient then does not depend on its data-parallel size,
+micro-batch size or number of micro-batches. The first step of a run has none to use and trains
 with λ = 0; checkpoints carry them (:class:`~nemo_dcod.train.callbacks.CarryWeightStats`), so a
-resumed run continues exactly. ``stats="micro_batch"`` reduces each micro-batch's own over the
-data-parallel group instead (exact across data-parallel ranks, not across accumulation).
+resumed run continues exactly. Non-finite statistics stop the run in :meth:`reduce`, before the
+optimizer applies the step (:class:`~nemo_dcod.losses.carry.NonFiniteStatsError`).
+``stats="micro_batch"`` reduces each micro-batch's own over the data-parallel group instead (exact
+across data-parallel ranks, not across accumulation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from nemo.lightning.megatron_parallel import MegatronLossReduction
 
 from nemo_dcod.losses import LossContext, TokenLoss, reduce_metrics
-from nemo_dcod.losses.types import WeightStats
+from nemo_dcod.losses.carry import CarriedStats
 from nemo_dcod.parallel.loss_inputs import TraceBatch, loss_from_logits
 
 __all__ = ["CarriedStats", "DistillLossReduction", "carried_stats"]
@@ -40,31 +42,15 @@ __all__ = ["CarriedStats", "DistillLossReduction", "carried_stats"]
 _LOSS_KEY = "loss_sum_and_ub_size"
 
 
-@dataclass
-class CarriedStats:
-    """DisCorD's b and ḡ carried from one step to the next, shared by every model chunk of a run.
-
-    NeMo builds one model per virtual-pipeline chunk (the later ones re-instantiated from the
-    first's recorded arguments) and calls ``reduce`` on the first chunk's loss reduction while the
-    last chunk's runs the loss: both must see the same statistics, so they live here, under a key
-    that the re-instantiated models share (:func:`carried_stats`).
-
-    Attributes:
-        stats: the previous step's global statistics (b, ḡ, and the mean of g² that DisCorD's ESS
-            guard reads); None before the first step.
-        ready: ``stats.g_mean`` was measured with the ``b`` the next step gates with (not so after
-            a first step that had no b to centre with: one more step runs with λ = 0).
-    """
-
-    stats: WeightStats | None = None
-    ready: bool = False
-
-
 _CARRIED: dict[str, CarriedStats] = {}
 
 
 def carried_stats(key: str) -> CarriedStats:
-    """The :class:`CarriedStats` of run ``key`` in this process (made on first use)."""
+    """The :class:`~nemo_dcod.losses.carry.CarriedStats` of run ``key`` in this process (made on
+    first use). NeMo builds one model per virtual-pipeline chunk (the later ones re-instantiated
+    from the first's recorded arguments) and calls ``reduce`` on the first chunk's loss reduction
+    while the last chunk's runs the loss: both must see the same statistics, so they live here,
+    under a key that the re-instantiated models share."""
     return _CARRIED.setdefault(key, CarriedStats())
 
 
@@ -130,6 +116,7 @@ class DistillLossReduction(MegatronLossReduction):
             stats=self.carried.stats if carry else None,
             stats_pending=carry and not self.carried.ready,
             validate=self.validate,
+            carry=self.carried if carry and self.update_stats else None,
         )
         trace_batch: TraceBatch = {k: v for k, v in batch.items() if v is not None}  # type: ignore[assignment]
         loss_sum, num_tokens, metrics = loss_from_logits(
@@ -163,18 +150,11 @@ class DistillLossReduction(MegatronLossReduction):
         step = reduce_metrics([x["metrics"] for x in losses_reduced_per_micro_batch], group)
         self.last_metrics = {k: float(v) for k, v in step.items() if v.numel() == 1}
         self.last_weight_hist = step.get("weight_hist")
-        if self.update_stats and self.stats_mode == "previous_step" and "g_mean" in step:
-            # This step's global statistics (every micro-batch, every DP rank), for the next step.
-            # ḡ is usable if this step's gate had its b: always without centring; with it, once
-            # a b was carried into this step.
-            gated_with_b = self.carried.stats is not None or not getattr(self.loss, "center", False)
-            g_sq = step.get("g_sq_sum")  # for DisCorD's ESS guard (the gate's ESS with ḡ)
-            self.carried.stats = WeightStats(
-                delta_mean=float(step["delta_mean"]),
-                g_mean=float(step["g_mean"]),
-                g_sq_mean=float(g_sq) / max(float(step["tokens"]), 1.0) if g_sq is not None else None,
-            )
-            self.carried.ready = gated_with_b
+        if self.update_stats and self.stats_mode == "previous_step":
+            # This step's global statistics (every micro-batch, every DP x CP rank), for the next
+            # step: b, then ḡ and mean g² with that b (losses/carry.py). Raises on a non-finite one,
+            # before the optimizer applies this step.
+            self.carried.end_step(self.loss, group)
         mean = totals[0] / totals[1].clamp(min=1.0)
         self.last_loss = float(mean)
         return mean

@@ -30,6 +30,8 @@ import lightning.pytorch as pl
 import torch
 from nemo.lightning import io
 
+from nemo_dcod.losses.carry import check_finite_stats
+
 __all__ = [
     "PREEMPT_EXIT_CODE_ENV",
     "CarryWeightStats",
@@ -97,8 +99,9 @@ class CarryWeightStats(pl.Callback, io.IOMixin):
         carried = self._carried()
         if self._restored and carried is not None:
             r = self._restored
-            carried.stats = WeightStats(r["delta_mean"], r["g_mean"], r.get("g_sq_mean"))
-            carried.ready = bool(r["ready"])
+            # ready = 0: saved before any statistics were usable (the next step trains with λ = 0).
+            stats = WeightStats(r["delta_mean"], r["g_mean"], r.get("g_sq_mean")) if r["ready"] else None
+            carried.restore(stats, "restored from the checkpoint the run resumed from")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -130,26 +133,28 @@ class CarryWeightStats(pl.Callback, io.IOMixin):
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-        if float(box[0]) > 0:
+        if float(box[0]) > 0 and bool(box[1]):
             g_sq = float(box[4])
-            carried.stats = WeightStats(
+            stats = WeightStats(
                 delta_mean=float(box[2]), g_mean=float(box[3]), g_sq_mean=None if math.isnan(g_sq) else g_sq
             )
-            carried.ready = bool(box[1])
+            # The last stage checked them; this rank's copy is the broadcast one.
+            carried.restore(stats, "broadcast from the last pipeline stage")
 
     def state_dict(self) -> dict[str, Any]:
         """The statistics the next step uses (empty before the first step)."""
         carried = self._carried()
         if carried is None or carried.stats is None:
             return {}
-        s = carried.stats
+        s = check_finite_stats(carried.stats, "about to be saved in a checkpoint")
         state = {"delta_mean": s.delta_mean, "g_mean": s.g_mean, "ready": float(carried.ready)}
         if s.g_sq_mean is not None:
             state["g_sq_mean"] = s.g_sq_mean
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Statistics from a checkpoint, applied at train start (``g_sq_mean``: absent in older ones)."""
+        """Statistics from a checkpoint, applied (and checked finite) at train start (``g_sq_mean``:
+        absent in older ones)."""
         keys = ("delta_mean", "g_mean", "ready")
         self._restored = {k: float(state_dict[k]) for k in keys} if state_dict else None
         if self._restored is not None and "g_sq_mean" in state_dict:

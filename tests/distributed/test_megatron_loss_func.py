@@ -4,7 +4,11 @@ A tiny megatron-core ``GPTModel`` (local layer spec, fp32, RoPE, real vocabulary
 takes one training step through ``get_forward_backward_func()`` with our ``loss_func``, DDP and
 ``finalize_model_grads`` (``calculate_per_token_loss=True``), 2 micro-batches, at every layout of 2
 ranks (DP=2, TP=2, PP=2) and of 4 ranks with two parallel dimensions (TP=2 x PP=2, TP=2 x DP=2,
-PP=2 x DP=2). Losses: DisCorD (token variant, λ = 1, so its weights matter) and the top-k KL.
+PP=2 x DP=2). Losses: DisCorD (token variant, λ = 1, so its weights matter) with per-micro-batch
+statistics (``stats=micro_batch``) and with carried ones (``stats=previous_step``, centred, τ = 0.5:
+a :class:`~nemo_dcod.losses.carry.CarriedStats` holding fixed previous-step statistics weighs the
+step, keeps its Δ, and at the step's end must hold the unsharded ``weight_stats`` of the whole
+global batch), and the top-k KL.
 The reference, built on every rank at TP=1 / PP=1 from a fixed seed, is plain autograd: full
 model, ``loss_from_logits`` without groups, summed over micro-batches, divided by the global token
 count. Each layout's model gets its shards of the reference's weights (init
@@ -16,6 +20,7 @@ reference: the loss sum and token count, every logged value reduced as Megatron-
 from __future__ import annotations
 
 import re
+from dataclasses import astuple
 from typing import Any
 
 import pytest
@@ -23,18 +28,25 @@ import torch
 import torch.distributed as dist
 from helpers.dist_utils import run_distributed
 
-from nemo_dcod.losses import LossContext, build_loss
-from nemo_dcod.parallel.loss_inputs import loss_from_logits
+from nemo_dcod.losses import LossContext, WeightStats, build_loss
+from nemo_dcod.losses.carry import CarriedStats
+from nemo_dcod.parallel.loss_inputs import loss_from_logits, student_loss_inputs
 
 pytestmark = pytest.mark.distributed
 
 MICRO_BATCHES, ROWS, SEQ, K = 2, 2, 8, 3  # ROWS: rows of a global micro-batch (split over DP)
 VOCAB, PADDED_VOCAB, HIDDEN, HEADS, LAYERS = 60, 64, 16, 2, 2
 STEP, TOTAL_STEPS = 3, 10
-LOSSES: list[tuple[str, dict[str, Any]]] = [
-    ("discord", {"variant": "token", "tau": 1.0, "lambda_max": 1.0}),
-    ("kl", {}),
+LOSSES: list[tuple[str, str, dict[str, Any]]] = [  # (label, loss name, parameters)
+    ("discord", "discord", {"variant": "token", "tau": 1.0, "lambda_max": 1.0, "stats": "micro_batch"}),
+    ("discord_carried", "discord", {"tau": 0.5, "center": True}),  # stats=previous_step
+    ("kl", "kl", {}),
 ]
+PREVIOUS = WeightStats(delta_mean=-1.5, g_mean=0.4, g_sq_mean=0.2)  # carried into the step
+
+
+def _carries(params: dict[str, Any]) -> bool:
+    return params.get("stats", "previous_step") == "previous_step"
 
 
 def _batches() -> list[dict[str, torch.Tensor]]:
@@ -121,16 +133,22 @@ def _megatron_lm_reduce(logged: list[dict[str, torch.Tensor]], dp_group: Any) ->
     return out
 
 
-def _reference(name: str, params: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Plain autograd on the TP=1 / PP=1 model: (logged values, gradients by parameter name)."""
+def _reference(
+    name: str, params: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
+    """Plain autograd on the TP=1 / PP=1 model: (logged values, gradients by parameter name, the
+    whole global batch's ``weight_stats`` for a loss that carries statistics, else None)."""
     from nemo_dcod.model.megatron_loss import megatron_metrics
 
     model = _build_gpt(1, 1)
     loss = build_loss(name, **params)
-    ctx = LossContext(step=STEP, total_steps=TOTAL_STEPS)
-    total, tokens, logged = torch.zeros(()), torch.zeros((), dtype=torch.long), []
+    carried = _carries(params) and name == "discord"
+    ctx = LossContext(step=STEP, total_steps=TOTAL_STEPS, stats=PREVIOUS if carried else None)
+    total, tokens, logged, inputs = torch.zeros(()), torch.zeros((), dtype=torch.long), [], []
     for mb in _batches():
         logits = model(mb["tokens"], mb["position_ids"], None)
+        if carried:
+            inputs.append(student_loss_inputs(logits.detach(), mb, loss.requirements, vocab_size=VOCAB))  # type: ignore[arg-type]
         loss_sum, num_tokens, metrics = loss_from_logits(loss, logits, mb, ctx, vocab_size=VOCAB)  # type: ignore[arg-type]
         logged.append(megatron_metrics(loss_sum, num_tokens, metrics))
         total, tokens = total + loss_sum, tokens + num_tokens
@@ -138,7 +156,8 @@ def _reference(name: str, params: dict[str, Any]) -> tuple[dict[str, torch.Tenso
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without a gradient in the reference: {missing}"
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return _megatron_lm_reduce(logged, None), grads
+    measured = loss.weight_stats(inputs, None) if carried else None
+    return _megatron_lm_reduce(logged, None), grads, measured
 
 
 def _global_name(name: str, pp_rank: int, pp: int) -> str:
@@ -180,18 +199,25 @@ def _run_layout(tp: int, pp: int, weights: dict[str, torch.Tensor], references: 
         dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         rows = slice(dp_rank * ROWS // dp, (dp_rank + 1) * ROWS // dp)
         out: dict[str, Any] = {}
-        for (name, params), (ref_logged, ref_grads) in zip(LOSSES, references, strict=True):
+        for (label, name, params), (ref_logged, ref_grads, ref_stats) in zip(LOSSES, references, strict=True):
             loss = build_loss(name, **params)
             shapes: list[tuple[int, ...]] = []
             ddp.zero_grad_buffer()
+            carry = CarriedStats(stats=PREVIOUS) if ref_stats is not None else None
 
             def forward_step(
-                data_iterator: Any, model: Any, loss: Any = loss, shapes: list[Any] = shapes
+                data_iterator: Any,
+                model: Any,
+                loss: Any = loss,
+                shapes: list[Any] = shapes,
+                carry: Any = carry,
             ) -> tuple[torch.Tensor, Any]:
                 mb = next(data_iterator)
                 logits = model(mb["tokens"], mb["position_ids"], None)  # no labels: [B, S, V/TP]
                 shapes.append(tuple(logits.shape))
-                return logits, make_loss_func(loss, mb, step=STEP, total_steps=TOTAL_STEPS, vocab_size=VOCAB)
+                return logits, make_loss_func(
+                    loss, mb, step=STEP, total_steps=TOTAL_STEPS, vocab_size=VOCAB, carry=carry
+                )
 
             logged = get_forward_backward_func()(
                 forward_step_func=forward_step,
@@ -202,7 +228,12 @@ def _run_layout(tp: int, pp: int, weights: dict[str, torch.Tensor], references: 
                 micro_batch_size=ROWS // dp,
                 forward_only=False,
             )
-            out[name] = {
+            measured = None
+            if carry is not None and logged:  # the last stage kept its Δ; the step ends here
+                got = carry.end_step(loss, dp_group)
+                measured = ((got.delta_mean, got.g_mean, got.g_sq_mean), astuple(ref_stats))  # type: ignore[union-attr]
+            out[label] = {
+                "measured": measured,
                 "logged": (_megatron_lm_reduce(logged, dp_group), ref_logged) if logged else None,
                 "grads": {
                     n: (p.main_grad.clone(), _shard(ref_grads[n], p, tp, tp_rank)) for p, n in names.items()
@@ -223,8 +254,8 @@ def _worker(rank: int, world: int, layouts: list[tuple[int, int]]) -> dict[str, 
     parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
     try:
         weights = {n: p.detach().clone() for n, p in _build_gpt(1, 1).named_parameters()}
-        references = [_reference(name, params) for name, params in LOSSES]
-        sft = _reference("discord", {"lambda_max": 0.0})[1]  # λ = 0
+        references = [_reference(name, params) for _, name, params in LOSSES]
+        sft = _reference("discord", {"lambda_max": 0.0, "stats": "micro_batch"})[1]  # λ = 0
     finally:
         parallel_state.destroy_model_parallel()
     return {
@@ -248,6 +279,9 @@ def _check(results: list[dict[str, Any]]) -> None:
                     assert got["shapes"] == [(ROWS // dp, SEQ, PADDED_VOCAB // tp)], (
                         f"{where}: {got['shapes']}"
                     )
+                    if name == "discord_carried":
+                        assert got["measured"] is not None, where
+                        assert got["measured"][0] == pytest.approx(got["measured"][1], rel=1e-5), where
                     values, expected = got["logged"]
                     assert values.keys() == expected.keys(), f"{where}: logged keys {sorted(values)}"
                     for key in expected:

@@ -407,6 +407,22 @@ def _store_args(store: Path, layout: str) -> list[str]:
     return [*COMMON_ARGS, *data, f"data.seq_length={STORE_SEQ}", *STORE_LAYOUTS[layout]]
 
 
+@pytest.fixture(scope="module")
+def store_references(
+    store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], tuple[Path, dict[int, dict[str, Any]]]]:
+    """``layout -> (run dir, metrics)`` of the uninterrupted store run of that layout, made once."""
+    made: dict[str, tuple[Path, dict[int, dict[str, Any]]]] = {}
+
+    def reference(layout: str) -> tuple[Path, dict[int, dict[str, Any]]]:
+        if layout not in made:
+            run_dir = tmp_path_factory.mktemp(f"store_reference_{layout}") / "reference"
+            made[layout] = (run_dir, _uninterrupted(run_dir, _store_args(store, layout)))
+        return made[layout]
+
+    return reference
+
+
 # --------------------------------------------------------------------------- the scenarios
 
 
@@ -504,6 +520,7 @@ def test_every_rank_resumes_from_rank_zeros_choice(
 )
 def test_signal_to_every_rank_checkpoints_exits_0_and_relaunch_finishes(
     store: Path,
+    store_references: Callable[[str], tuple[Path, dict[int, dict[str, Any]]]],
     layout: str,
     sig: signal.Signals,
     tmp_path: Path,
@@ -513,7 +530,7 @@ def test_signal_to_every_rank_checkpoints_exits_0_and_relaunch_finishes(
     and PP=2 (SIGUSR1, ``--signal=USR1@...``, here outside Slurm), each against an uninterrupted
     run of its own layout."""
     args = _store_args(store, layout)
-    reference = (tmp_path / "reference", _uninterrupted(tmp_path / "reference", args))
+    reference = store_references(layout)
     run_dir = tmp_path / "run"
     launch = _launch(launches, run_dir, args)
     # Signalled once step 2's regular checkpoint is written: the stop comes at the end of step 3
@@ -535,6 +552,32 @@ def test_signal_to_every_rank_checkpoints_exits_0_and_relaunch_finishes(
     assert _training_state(saved)["data"]["consumed_samples"] == stopped_at * GLOBAL_BATCH
     assert not list((run_dir / "checkpoints").glob("*-unfinished"))
     _relaunch_matches(launches, run_dir, reference, resumes_from=saved, args=args)
+
+
+def test_sigkill_mid_epoch_on_shuffled_store_rows_resumes_bit_identical(
+    store: Path,
+    store_references: Callable[[str], tuple[Path, dict[int, dict[str, Any]]]],
+    tmp_path: Path,
+    launches: list[Launch],
+) -> None:
+    """DP=2 on the packed store with ``data.shuffle`` on (the default): every rank SIGKILLed once
+    the step-2 checkpoint exists (16 samples: a third of the way into the second epoch of the
+    store's 12 rows), then relaunched: it resumes mid-epoch in the same permutation and ends where
+    the uninterrupted run ended (per-step losses, every tensor, RNG states, consumed samples)."""
+    from nemo_dcod.data.store import PackedStore
+
+    rows = len(PackedStore(store))
+    assert (2 * GLOBAL_BATCH) % rows != 0, rows  # the checkpoint falls inside an epoch
+    reference = store_references("dp2")
+    run_dir = tmp_path / "run"
+    launch = _launch(launches, run_dir, _store_args(store, "dp2"))
+    launch.wait_until(lambda: _complete(_checkpoint(run_dir, 2)), "the step-2 checkpoint was complete")
+    assert launch.kill() == -signal.SIGKILL  # nothing flushed, no preemption save
+    saved = newest_complete_checkpoint(run_dir / "checkpoints")
+    assert saved is not None and _training_state(saved)["global_step"] < MAX_STEPS, saved
+    consumed = _training_state(saved)["data"]["consumed_samples"]
+    assert consumed % rows != 0, consumed  # mid-epoch
+    _relaunch_matches(launches, run_dir, reference, resumes_from=saved, args=_store_args(store, "dp2"))
 
 
 # --------------------------------------------------------------------------- checkpoint_problem alone

@@ -181,7 +181,7 @@ def test_guard_with_carried_statistics_is_independent_of_the_micro_batch_split()
 
 
 def test_carried_statistics_keep_g_squared_across_a_checkpoint() -> None:
-    from nemo_dcod.model.reduction import CarriedStats
+    from nemo_dcod.losses.carry import CarriedStats
     from nemo_dcod.train.callbacks import CarryWeightStats
 
     def callback(carried: CarriedStats) -> Any:
@@ -189,7 +189,7 @@ def test_carried_statistics_keep_g_squared_across_a_checkpoint() -> None:
         cb._module = SimpleNamespace(training_loss_reduction=SimpleNamespace(carried=carried))
         return cb
 
-    saved = callback(CarriedStats(stats=WeightStats(0.25, 0.4, 0.19), ready=True)).state_dict()
+    saved = callback(CarriedStats(stats=WeightStats(0.25, 0.4, 0.19))).state_dict()
     assert saved == {"delta_mean": 0.25, "g_mean": 0.4, "ready": 1.0, "g_sq_mean": 0.19}
     fresh = CarriedStats()
     restored = callback(fresh)
