@@ -51,6 +51,10 @@ class FieldsSection:
     """teacher_entries: the key of the token (id or string)."""
     teacher_logprob_key: str = "logprob"
     """teacher_entries: the key of the log-prob."""
+    finish_reason: str | None = None
+    """Why the engine ended the (last) response: `length` means cut at its token limit (vLLM,
+    OpenAI, SGLang's meta_info.finish_reason.type, `nemo-dcod generate`), anything else that it
+    stopped; see `cut_off`. null: unknown, every response is taken as stopped."""
 
     def has_teacher(self) -> bool:
         """Whether records carry per-token teacher log-probs."""
@@ -107,8 +111,25 @@ class PrepareConfig:
     """A bad record (malformed JSON, missing field, bad log-probs, ...): count and skip it, or stop
     with an error naming the file and line."""
     teacher_fill_logprob: float = 0.0
-    """Teacher log-prob given to trained tokens the engine did not report (template markup after
-    the generated text, e.g. an end-of-turn token the engine stripped); counted in the report."""
+    """Teacher log-prob given to trained tokens the engine did not report: template markup after
+    the generated text (ChatML's newline after <|im_end|>), or an end-of-turn token the engine did
+    not record. 0.0 (probability 1) is right for markup the template always writes; an unrecorded
+    end-of-turn token gets it too (the teacher's real stop probability is lower). Counted in the
+    report (teacher_filled_tokens)."""
+    cut_off: str = field(default="drop", metadata={"choices": ("drop", "keep")})
+    """Responses cut at the engine's token limit (fields.finish_reason is `length`): drop them
+    (counted as cut_off), or keep them without the template's end-of-turn markup (the teacher did
+    not stop there, so the student must not learn to stop there)."""
+    teacher_tokenizer_fingerprint: str | None = None
+    """The vocabulary fingerprint of the tokenizer the teacher sampled with (`nemo-dcod generate`
+    writes it into its prepare.yaml). When it is this tokenizer's, the teacher's token ids are the
+    response as sampled and are used as they are, even where re-tokenizing the text would split it
+    otherwise; another fingerprint is an error (the ids would mean other tokens). null: the
+    response text is tokenized and the engine's tokens checked against it (teacher_tokens_mismatch
+    where they differ)."""
+    teacher_tokenizer: str | None = None
+    """Instead of teacher_tokenizer_fingerprint: the directory of the tokenizer the teacher sampled
+    with (its fingerprint is computed), for a config written before the traces exist."""
     records_per_shard: int = 20000
     """Input records per store shard: the unit of work, of resume and of a worker."""
     workers: int = 1
@@ -134,6 +155,19 @@ class PrepareConfig:
             out.append(f"workers={self.workers}: must be >= 1.")
         if not -math.inf < self.teacher_fill_logprob <= 0:  # NaN fails too
             out.append(f"teacher_fill_logprob={self.teacher_fill_logprob}: must be a finite log-prob (<= 0).")
+        if self.teacher_tokenizer_fingerprint is not None and self.teacher_tokenizer is not None:
+            out.append(
+                "teacher_tokenizer_fingerprint and teacher_tokenizer are both set: name the teacher's "
+                "vocabulary one way."
+            )
+        for name in ("teacher_tokenizer_fingerprint", "teacher_tokenizer"):
+            if getattr(self, name) is not None and (
+                self.fields.teacher_tokens is None or self.fields.teacher_logprobs is None
+            ):
+                out.append(
+                    f"{name} is set without fields.teacher_tokens and fields.teacher_logprobs: the "
+                    f"sampled token ids are what it vouches for; map them, or set {name}=null."
+                )
         if self.answer_filter != "none" and self.fields.reference is None:
             out.append(
                 f"answer_filter={self.answer_filter} needs fields.reference (the field holding the "

@@ -1,10 +1,11 @@
 """``nemo-dcod prepare --dry-run``: the checks prepare applies at start, and the store it will make.
 
 Prepare refuses at start: config problems, a tokenizer that cannot be loaded (not fast, no chat
-template), inputs that match no file, an ``out_dir`` in the way (not a store, or a store of other
-inputs without ``overwrite``). The dry run applies the same checks without reading a record, and
-with ``--store-plan FILE`` writes what the store will be (row length, vocabulary, packing, whether
-the traces carry teacher log-probs) for the dry runs of ``score`` and ``train`` to check against
+template) or whose vocabulary is not the one the traces were sampled with, inputs that match no
+file, an ``out_dir`` in the way (not a store, or a store of other inputs without ``overwrite``).
+The dry run applies the same checks without reading a record, and with ``--store-plan FILE``
+writes what the store will be (row length, vocabulary, packing, whether the traces carry teacher
+log-probs) for the dry runs of ``score`` and ``train`` to check against
 (:mod:`nemo_dcod.data.plan`).
 """
 
@@ -51,13 +52,14 @@ def dry_run_prepare(cfg: PrepareConfig, store_plan: str | None = None, made_late
         ConfigError: every problem found, at once.
     """
     from nemo_dcod.data.readers import DataError, expand_inputs
-    from nemo_dcod.data.tokenize import load_tokenizer
+    from nemo_dcod.data.tokenize import check_same_vocabulary, load_tokenizer, teacher_vocabulary
 
     problems = cfg.problems()
     tokenizer = None
     if cfg.tokenizer:
         try:
             tokenizer = load_tokenizer(cfg.tokenizer, cfg.chat_template)
+            check_same_vocabulary(teacher_vocabulary(cfg), tokenizer, cfg.tokenizer)
         except DataError as exc:
             problems.append(str(exc))
     inputs = "made by an earlier job"

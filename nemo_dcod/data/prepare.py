@@ -160,6 +160,8 @@ def build_shard(
         "documents": len(documents),
         "truncated": sum(d.truncated for d in documents),
         "teacher_filled_tokens": sum(d.filled for d in documents),
+        "stop_logprobs": sum(d.stop_logprob for d in documents),
+        "cut_off_kept": sum(d.cut_off for d in documents),
         "rows": packed.rows,
         "tokens": int((packed.columns["segment_ids"] >= 0).sum()),
         "loss_tokens": int(packed.columns["loss_mask"].sum()),
@@ -275,6 +277,9 @@ def _report(cfg: PrepareConfig, infos: list[dict[str, Any]], reused: int, second
         "tokens": tokens,
         "loss_tokens": sum(i["loss_tokens"] for i in infos),
         "teacher_filled_tokens": sum(i["teacher_filled_tokens"] for i in infos),
+        "teacher_fill_logprob": cfg.teacher_fill_logprob if cfg.fields.has_teacher() else None,
+        "stop_logprobs": sum(i.get("stop_logprobs", 0) for i in infos),
+        "cut_off_kept": sum(i.get("cut_off_kept", 0) for i in infos),
         "packing": cfg.packing,
         "packing_efficiency": tokens / (rows * cfg.seq_length) if rows else 0.0,
         "padding_tokens": rows * cfg.seq_length - tokens,
@@ -292,6 +297,15 @@ def format_report(report: dict[str, Any], out_dir: str) -> str:
     for reason, n in report["skipped"].items():
         first = report["skip_examples"].get(reason, [""])[0]
         lines.append(f"  skipped {reason}: {n}   e.g. {first}")
+    if report.get("cut_off_kept"):
+        lines.append(f"  kept cut off at the engine's token limit (no end-of-turn): {report['cut_off_kept']}")
+    if report.get("teacher_fill_logprob") is not None:
+        lines.append(
+            f"  teacher log-probs: {report['teacher_filled_tokens']} trained tokens filled with "
+            f"teacher_fill_logprob={report['teacher_fill_logprob']} (markup the engine did not write); "
+            f"{report['stop_logprobs']} of {report['documents']} documents end their turn with the "
+            "teacher's recorded log-prob of stopping"
+        )
     lines.append(
         f"  {report['rows']} rows x {report['seq_length']} tokens, {report['tokens']} tokens "
         f"({report['loss_tokens']} trained), packing {report.get('packing', '?')}: efficiency "

@@ -35,6 +35,7 @@ from nemo_dcod.data.config import FieldsSection
 
 __all__ = [
     "BAD_RECORD_REASONS",
+    "CUT_OFF_REASONS",
     "DataError",
     "RecordError",
     "ShardSpec",
@@ -64,6 +65,10 @@ BAD_RECORD_REASONS = (
 )
 """Reasons that mean the record itself is broken: ``on_bad_record=error`` stops on them. The others
 (``too_long``, ``no_trainable_tokens``, the answer filter's) are policy and are always counted."""
+
+CUT_OFF_REASONS = ("length", "max_tokens")
+"""Finish reasons that mean a response was cut at the engine's token limit: ``length`` (vLLM,
+OpenAI, SGLang, TGI, ``nemo-dcod generate``) and ``max_tokens`` (Anthropic's name)."""
 
 # Stored log-probs are rounded by engines; anything above this is not a log-probability
 # (the same tolerance as the loss's input check).
@@ -121,6 +126,8 @@ class Trace:
         messages: ``[{role, content, ...}]``, at least one assistant turn.
         reference: the reference answer, if the mapping names one.
         teacher: the last assistant turn's per-token teacher log-probs, if the mapping names them.
+        cut_off: the engine cut the (last) response at its token limit (its finish reason is one
+            of :data:`CUT_OFF_REASONS`); False when it stopped or the mapping names no reason.
     """
 
     location: str
@@ -128,6 +135,7 @@ class Trace:
     messages: list[dict[str, Any]]
     reference: str | None = None
     teacher: TeacherTokens | None = None
+    cut_off: bool = False
 
 
 @dataclass(frozen=True)
@@ -410,7 +418,11 @@ def parse_record(
         value = _get(raw, fields.reference, location)
         reference = _text(str(value) if isinstance(value, int | float) else value, fields.reference, location)
     teacher = _teacher(raw, fields, location) if fields.has_teacher() else None
-    return Trace(location, index, messages, reference, teacher)
+    cut_off = False
+    if fields.finish_reason is not None:
+        reason = _text(_get(raw, fields.finish_reason, location), fields.finish_reason, location)
+        cut_off = reason in CUT_OFF_REASONS
+    return Trace(location, index, messages, reference, teacher, cut_off)
 
 
 def _teacher(raw: Any, fields: FieldsSection, location: str) -> TeacherTokens:

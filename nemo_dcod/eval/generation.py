@@ -28,7 +28,8 @@ vocabulary (a padded embedding, as NeMo exports it) are masked there: never samp
 log-softmax is over the tokenizer's vocabulary, as the student's log-probs are in training.
 vLLM: ``SamplingParams(logprobs=0)`` (the sampled token's only) from an engine built with
 ``logprobs_mode="raw_logprobs"`` (over the model's full output: checkpoints with padded columns
-are for the transformers back end).
+are for the transformers back end). Both back ends also record the log-prob of the token that
+stopped a completion (``Completion.stop_logprob``): the teacher's probability of ending its turn.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "SamplingParams",
     "TransformersGenerator",
     "VLLMGenerator",
+    "completion_from_vllm",
     "encode_prompts",
     "finish_completion",
     "load_tokenizer",
@@ -168,6 +170,40 @@ def finish_completion(
     lps = None if logprobs is None else tuple(float(x) for x in logprobs[: len(kept)])
     finish: Literal["stop", "length"] = "stop" if reason == "stop" else "length"
     return Completion(text, len(kept), finish, tuple(int(t) for t in kept), lps, stop_id, stop_lp)
+
+
+def completion_from_vllm(
+    output: Any,
+    params: SamplingParams,
+    stop_ids: Sequence[int],
+    decode: Callable[[list[int]], str],
+    text_decode: Callable[[list[int]], str] | None = None,
+) -> Completion:
+    """A :class:`Completion` from one of vLLM's ``CompletionOutput`` (``token_ids``; ``logprobs``:
+    per generated token a dict id -> ``Logprob`` holding at least the sampled id).
+
+    vLLM keeps the token that stopped a request (an end-of-sequence id of the model, or one of
+    ``stop_token_ids``) as the last of ``token_ids``, with its log-prob: :func:`finish_completion`
+    moves it to ``stop_token_id`` / ``stop_logprob``, as for the transformers back end.
+
+    Raises:
+        RuntimeError: log-probs were asked for and vLLM returned none, or none for a sampled id.
+    """
+    ids = [int(t) for t in output.token_ids]
+    lps = None
+    if params.logprobs:
+        steps = output.logprobs
+        if steps is None or len(steps) != len(ids):
+            raise RuntimeError(
+                f"vLLM returned {'no' if steps is None else len(steps)} log-prob entries for "
+                f"{len(ids)} generated tokens although SamplingParams(logprobs=0) asked for them"
+            )
+        lps = []
+        for t, (step, token) in enumerate(zip(steps, ids, strict=True)):
+            if token not in step:
+                raise RuntimeError(f"vLLM's log-probs of generated token {t} lack its sampled id {token}")
+            lps.append(float(step[token].logprob))
+    return finish_completion(ids, lps, stop_ids, params.stop, decode, text_decode)
 
 
 def _stop_string_criterion(stop: Sequence[str], width: int, decode: Callable[[list[int]], str]) -> Any:
@@ -554,12 +590,8 @@ class VLLMGenerator:
         for request in outputs:
             row = []
             for o in request.outputs:
-                ids = list(o.token_ids)
-                lps = None
-                if params.logprobs:
-                    lps = [float(step[tok].logprob) for step, tok in zip(o.logprobs, ids, strict=True)]
-                completion = finish_completion(
-                    ids, lps, self.stop_ids, params.stop, self._decode_all, self._decode_text
+                completion = completion_from_vllm(
+                    o, params, self.stop_ids, self._decode_all, self._decode_text
                 )
                 tokens_out += completion.num_tokens
                 row.append(completion)

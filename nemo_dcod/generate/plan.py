@@ -9,11 +9,19 @@ and each one's key computed. ``nemo-dcod generate --dry-run`` does all of this a
 (no model is loaded, so it runs on a login node, validating a GPU recipe as on its GPU node).
 
 **The end-of-turn token.** A chat model ends its answer with a token the chat template also
-writes after an assistant turn (Llama 3's ``<|eot_id|>``, ChatML's ``<|im_end|>``). When the
-template's first token after a turn's content is one of the teacher's end-of-sequence ids, a trace
-that ended with that id keeps it (and its log-prob) as its last teacher token: ``prepare``
-re-renders the turn with the template and finds the same token there, so the student is taught
-to stop with the teacher's own probability of stopping. Any other ending is left out.
+writes after an assistant turn (Llama 3's ``<|eot_id|>``, ChatML's ``<|im_end|>``): the template's
+first token after a turn's content, when it is one of the teacher's end-of-sequence ids or a
+special token. It always stops generation, even where the checkpoint's ``generation_config.json``
+names another end-of-sequence id (a converted checkpoint may name ``<|endoftext|>`` alone, and the
+teacher would write past its turn). A trace that ended with it keeps it (and its log-prob) as its
+last teacher token: ``prepare`` places that log-prob on the end-of-turn token of its own rendering
+of the turn, so the student is taught to stop with the teacher's own probability of stopping.
+Any other ending (a stop string, another end-of-sequence id) is left out.
+
+**The vocabulary fingerprint** (:func:`nemo_dcod.data.tokenize.vocabulary_fingerprint` of the
+tokenizer) goes into every shard's meta and the ``prepare.yaml`` the run writes: ``prepare``
+compares it with the student's tokenizer and, when they are the same, uses the sampled token ids
+as they are instead of re-tokenizing the response text.
 """
 
 from __future__ import annotations
@@ -48,7 +56,10 @@ class RunPlan:
     chat_template: str | None
     """The chat template's text when the config replaced the tokenizer's; else None."""
     stop_ids: list[int]
+    """Ids that end a trace: the teacher's end-of-sequence ids and the end-of-turn token."""
     end_of_turn_id: int | None
+    vocabulary: str
+    """The tokenizer's vocabulary fingerprint (what prepare compares with the student's)."""
     context: int | None
     """Tokens the teacher (or vLLM's max_model_len) allows, prompt and trace together."""
     model_config: dict[str, Any]
@@ -110,8 +121,8 @@ def _context(cfg: GenerateConfig, config: dict[str, Any]) -> int | None:
 
 
 def end_of_turn_id(tokenizer: Any, cfg: GenerateConfig, stop_ids: list[int]) -> int | None:
-    """The end-of-sequence id the chat template writes right after an assistant turn, if any (see
-    the module docstring)."""
+    """The token the chat template writes right after an assistant turn's content, when it is an
+    end-of-sequence id or a special token; else None (see the module docstring)."""
     if not cfg.use_chat_template:
         return None
     content = "0"
@@ -128,7 +139,11 @@ def end_of_turn_id(tokenizer: Any, cfg: GenerateConfig, stop_ids: list[int]) -> 
         return None
     after = tokenizer(text[at + len(content) :], add_special_tokens=False)["input_ids"]
     first = next((int(t) for t in after), None)
-    return first if first is not None and first in stop_ids else None
+    if first is None:
+        return None
+    special = set(tokenizer.all_special_ids)
+    special.update(int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    return first if first in stop_ids or first in special else None
 
 
 def _check_lengths(
@@ -154,6 +169,7 @@ def build_plan(cfg: GenerateConfig) -> RunPlan:
     Raises:
         GenerateError: the first failed check, naming the file, record or field.
     """
+    from nemo_dcod.data.tokenize import vocabulary_fingerprint
     from nemo_dcod.eval.generation import encode_prompts, load_tokenizer, stop_token_ids
 
     config = _model_config(cfg)
@@ -182,11 +198,14 @@ def build_plan(cfg: GenerateConfig) -> RunPlan:
             f"tensor_parallel_size={tp} does not divide the teacher's {heads} attention heads; use a divisor."
         )
     stop_ids = stop_token_ids(cfg.teacher, tokenizer)
+    end_of_turn = end_of_turn_id(tokenizer, cfg, stop_ids)
+    if end_of_turn is not None and end_of_turn not in stop_ids:
+        stop_ids = sorted([*stop_ids, end_of_turn])
     if not stop_ids:
         raise GenerateError(
             f"teacher={cfg.teacher}: neither generation_config.json nor the tokenizer names an "
-            "end-of-sequence token; every trace would run to max_new_tokens. Set eos_token_id in "
-            "generation_config.json."
+            "end-of-sequence token, and the chat template ends no turn with a special token; every "
+            "trace would run to max_new_tokens. Set eos_token_id in generation_config.json."
         )
     shards = plan_shards(
         problems,
@@ -203,7 +222,8 @@ def build_plan(cfg: GenerateConfig) -> RunPlan:
         tokenizer_path=tokenizer_path,
         chat_template=tokenizer.chat_template if cfg.chat_template is not None else None,
         stop_ids=stop_ids,
-        end_of_turn_id=end_of_turn_id(tokenizer, cfg, stop_ids),
+        end_of_turn_id=end_of_turn,
+        vocabulary=vocabulary_fingerprint(tokenizer),
         context=context,
         model_config=config,
         shards=shards,
@@ -226,7 +246,7 @@ def describe(cfg: GenerateConfig, plan: RunPlan, done: int) -> list[str]:
         f"{cfg.problems_per_shard}; {s.samples_per_problem} sample(s) each ({mode}, seed {s.seed}, "
         f"max_new_tokens {s.max_new_tokens}) = {len(plan.problems) * s.samples_per_problem} samples",
         f"generate: teacher {cfg.teacher} ({arch}, {context}); backend {cfg.backend}; prompts "
-        f"{min(lengths)}-{max(lengths)} tokens; end-of-turn token kept: {eot!r}",
+        f"{min(lengths)}-{max(lengths)} tokens; stop ids {plan.stop_ids}; end-of-turn token kept: {eot!r}",
         f"generate: worker {plan.slot.index} of {plan.slot.count} ({plan.slot.source}): "
         f"{len(plan.mine)} shard(s), {done} already done -> {cfg.out_dir}",
     ]

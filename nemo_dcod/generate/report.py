@@ -122,16 +122,25 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def prepare_config_text(
-    out_dir: Path, tokenizer: str, has_reference: bool, has_system: bool, chat_template: str | None
+    out_dir: Path,
+    tokenizer: str,
+    has_reference: bool,
+    has_system: bool,
+    chat_template: str | None,
+    vocabulary: str,
 ) -> str:
     """A ``nemo-dcod prepare`` config (YAML) for the traces of ``out_dir``.
 
+    Traces cut at ``max_new_tokens`` are left out (``cut_off: drop``: the teacher did not stop
+    there, and the report calls them not usable); the sampled token ids are used as they are
+    (``teacher_tokenizer_fingerprint``: prepare refuses a tokenizer with another vocabulary).
+
     Args:
-        tokenizer: the teacher's tokenizer (the student must share it for the log-probs to align;
-            prepare checks every trace's tokens against its own tokenization).
+        tokenizer: the teacher's tokenizer (the student must share it for the log-probs to align).
         has_reference: every trace carries a reference (then it is mapped, for prepare's filter).
         has_system: the traces carry a ``system`` prompt.
         chat_template: the chat template generate used in place of the tokenizer's (its text), or None.
+        vocabulary: the tokenizer's vocabulary fingerprint.
     """
     from nemo_dcod.config import to_yaml
     from nemo_dcod.data.config import FieldsSection, PrepareConfig
@@ -144,6 +153,7 @@ def prepare_config_text(
         reference="reference" if has_reference else None,
         teacher_tokens="teacher_tokens",
         teacher_logprobs="teacher_logprobs",
+        finish_reason="finish_reason",
     )
     prepare = PrepareConfig(
         inputs=[str(out_dir / "traces" / "shard-*.jsonl")],
@@ -152,13 +162,17 @@ def prepare_config_text(
         tokenizer=tokenizer,
         chat_template=chat_template,
         train_on="last_assistant",
+        cut_off="drop",
+        teacher_tokenizer_fingerprint=vocabulary,
         out_dir=str(out_dir / "store"),
     )
     header = (
         f"# nemo-dcod prepare --config {out_dir / 'prepare.yaml'}   [seq_length=N out_dir=DIR]\n"
-        "# Written by `nemo-dcod generate`: reads its traces with the teacher's per-token log-probs\n"
-        "# (token ids, checked against prepare's own tokenization). The tokenizer is the teacher's; a\n"
-        "# student with another tokenizer cannot use these log-probs (score it with `nemo-dcod score`).\n"
-        "# Filter: keep=correct at generate time, or answer_filter=auto here (string match only).\n"
+        "# Written by `nemo-dcod generate`: reads its traces with the teacher's per-token log-probs,\n"
+        "# the sampled token ids used as they are (teacher_tokenizer_fingerprint: the tokenizer must be\n"
+        "# the teacher's; a student with another one cannot use these log-probs: set it to null to\n"
+        "# re-tokenize and check, or score with `nemo-dcod score`). The end-of-turn token carries the\n"
+        "# teacher's log-prob of stopping. Traces cut at max_new_tokens are left out (cut_off=keep keeps\n"
+        "# them, with no end-of-turn). Filter: keep=correct at generate time, or answer_filter=auto here.\n"
     )
     return header + to_yaml(prepare)

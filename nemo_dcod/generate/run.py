@@ -18,9 +18,15 @@ One trace per line of ``traces/shard-NNNNN.jsonl``::
      "finish_reason": "stop" | "length", "num_tokens": 143,
      "teacher_tokens": [...ids...], "teacher_logprobs": [...]}
 
-``response`` is the decoded ``teacher_tokens`` (special tokens kept, no clean-up of spaces, so it
-re-tokenizes to them), without the end-of-turn token, which ``teacher_tokens`` keeps as its last
-entry when the trace ended with it (see :mod:`.plan`). ``teacher_logprobs[t]`` is
+``response`` is the decoded ``teacher_tokens`` (special tokens kept, no clean-up of spaces),
+without the end-of-turn token, which ``teacher_tokens`` keeps as its last entry (with its log-prob:
+the teacher's probability of stopping there) when the trace ended with it (see :mod:`.plan`).
+``teacher_tokens`` are the ids as sampled: re-tokenizing ``response`` gives other ids for some
+traces (a sampled ``a``, ``b`` where the tokenizer merges ``ab``), so prepare uses the ids as they
+are when its tokenizer is the teacher's (the ``prepare.yaml`` carries the vocabulary fingerprint).
+``finish_reason: length`` marks a trace cut at ``max_new_tokens``: not usable (the teacher did not
+stop there); the ``prepare.yaml`` leaves such traces out (``cut_off=keep`` keeps them, with no
+end-of-turn). ``teacher_logprobs[t]`` is
 ``log_softmax(raw logits)[teacher_tokens[t]]`` in fp32: the teacher's untempered log-prob, whatever
 temperature / top-p drew the token (what DisCorD's weights compare against, DESIGN.md §1).
 
@@ -194,6 +200,8 @@ def _shard_meta(cfg: GenerateConfig, plan: RunPlan, shard: ShardPlan, backend: s
         "sampling": {**asdict(cfg.sampling), "shard_seed": shard.seed},
         "logprobs": "teacher_logprobs[t] = log_softmax(raw logits)[teacher_tokens[t]], fp32 (untempered)",
         "end_of_turn_token": plan.end_of_turn_id,
+        "stop_token_ids": plan.stop_ids,
+        "tokenizer_vocabulary": plan.vocabulary,
         "prompt": {
             "template": cfg.prompt_template,
             "use_chat_template": cfg.use_chat_template,
@@ -299,6 +307,7 @@ def _finish(cfg: GenerateConfig, plan: RunPlan) -> dict[str, Any]:
         has_reference,
         cfg.system_prompt is not None,
         plan.chat_template,
+        plan.vocabulary,
     )
     tmp = out / ".prepare.yaml.tmp"
     tmp.write_text(text)

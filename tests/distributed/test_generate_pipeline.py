@@ -2,8 +2,9 @@
 
 1. generate -> prepare -> train: a tiny random Llama teacher (vocabulary 32, so it ends traces
    with ``</s>`` often) writes sampled traces; ``nemo-dcod prepare --config <out>/prepare.yaml``
-   reads them with no mapping of its own, checks every trace's teacher tokens against its own
-   tokenization, and stores the traces' log-probs at exactly the trained positions; ``nemo-dcod
+   reads them with no mapping of its own, leaves out the traces cut at ``max_new_tokens`` (or
+   keeps them with no ``</s>``: ``cut_off=keep``), and stores the traces' sampled ids and
+   log-probs, the end-of-turn's included, at exactly the trained positions; ``nemo-dcod
    train data.source=store`` trains the tiny student on that store with DisCorD at TP=1.
 2. A run SIGKILLed while writing its second shard (a hook parameter of ``run_generate`` kills the
    process after the shard's second record reached its temp file) leaves that shard unfinished;
@@ -107,17 +108,35 @@ def test_generate_then_prepare_then_train(teacher: Path, problems: Path, tmp_pat
     assert meta["sampling"]["temperature"] == 1.0 and meta["sampling"]["samples_per_problem"] == 2
     assert "untempered" in meta["logprobs"]
 
-    # prepare, from the config generate wrote (its field mapping), with the teacher's tokenizer.
+    # prepare, from the config generate wrote (its field mapping), with the teacher's tokenizer:
+    # the traces cut at max_new_tokens are left out, every stopped one ends with the teacher's
+    # log-prob of its end-of-turn </s> (the template writes nothing after it: no token is filled).
     store = tmp_path / "store"
     _cli("prepare", "--config", str(out / "prepare.yaml"), "seq_length=64", f"out_dir={store}")
     prep = json.loads((store / "report.json").read_text())
     assert prep["records_read"] == 24, prep
-    kept = [t for t in traces if t["num_tokens"] > 0]  # an empty response is prepare's to skip
-    assert prep["records_kept"] == len(kept), prep
+    nonempty = [t for t in traces if t["num_tokens"] > 0]  # an empty response is prepare's to skip
+    kept = [t for t in nonempty if t["finish_reason"] == "stop"]
+    assert 0 < len(kept) < len(nonempty), "the tiny teacher must both stop and run out of tokens"
+    assert prep["records_kept"] == len(kept) == prep["stop_logprobs"], prep
+    assert prep["skipped"]["cut_off"] == len(traces) - len(stopped), prep
     assert not {"teacher_tokens_mismatch", "logprob_length_mismatch"} & set(prep["skipped"]), prep
-    # Truncated traces end without </s>: only the template's end-of-turn token gets the fill value.
-    assert prep["teacher_filled_tokens"] == sum(t["finish_reason"] == "length" for t in kept), prep
+    assert prep["teacher_filled_tokens"] == 0, prep
     _check_store_logprobs(store, kept)
+    # cut_off=keep: the cut-off traces too, each ending with its last sampled token (no </s>).
+    kept_all = tmp_path / "store_all"
+    _cli(
+        "prepare",
+        "--config",
+        str(out / "prepare.yaml"),
+        "seq_length=64",
+        "cut_off=keep",
+        f"out_dir={kept_all}",
+    )
+    prep = json.loads((kept_all / "report.json").read_text())
+    assert prep["records_kept"] == len(nonempty) and prep["cut_off_kept"] == len(nonempty) - len(kept), prep
+    assert prep["teacher_filled_tokens"] == 0 and prep["stop_logprobs"] == len(kept), prep
+    _check_store_logprobs(kept_all, nonempty)
 
     run_dir = tmp_path / "train"
     manifest = json.loads((store / "manifest.json").read_text())
@@ -144,8 +163,8 @@ def test_generate_then_prepare_then_train(teacher: Path, problems: Path, tmp_pat
 
 
 def _check_store_logprobs(store: Path, traces: list[dict[str, Any]]) -> None:
-    """Every stored document's trained labels are a trace's teacher tokens (+ the template's end of
-    turn for a truncated trace), with that trace's log-probs (label-aligned)."""
+    """Every stored document's trained labels are exactly a trace's teacher tokens (a stopped
+    trace's ending with its </s>), with that trace's log-probs (label-aligned)."""
     from nemo_dcod.data.store import PackedStore
 
     by_tokens = {tuple(t["teacher_tokens"]): t["teacher_logprobs"] for t in traces}
@@ -159,9 +178,6 @@ def _check_store_logprobs(store: Path, traces: list[dict[str, Any]]) -> None:
             where = (segments == seg) & mask
             tokens = tuple(labels[where].tolist())
             lps = teacher[where]
-            if tokens not in by_tokens:  # truncated: </s> after the teacher's tokens, filled with 0
-                assert tokens[-1] == 2 and lps[-1] == 0.0, tokens
-                tokens, lps = tokens[:-1], lps[:-1]
             np.testing.assert_allclose(lps, np.asarray(by_tokens[tokens], dtype=np.float32), atol=1e-6)
             matched += 1
     assert matched == len(traces)

@@ -211,10 +211,16 @@ def test_the_70b_recipe_and_its_prepare_config_agree_with_what_generate_writes(t
     assert recipe.problems(has_gpu=False) != []  # vLLM needs the GPU node
     shipped = load_config(PrepareConfig, ROOT / "conf" / "generate_llama70b_prepare.yaml")
     written_path = tmp_path / "prepare.yaml"
-    written_path.write_text(prepare_config_text(Path(recipe.out_dir), recipe.teacher, True, False, None))
+    written_path.write_text(
+        prepare_config_text(Path(recipe.out_dir), recipe.teacher, True, False, None, "f" * 64)
+    )
     written = load_config(PrepareConfig, written_path)
     assert shipped.fields == written.fields and shipped.inputs == written.inputs
     assert shipped.tokenizer == written.tokenizer == recipe.teacher
+    # Both use the sampled ids as they are (the teacher's vocabulary named one way or the other)
+    # and leave out traces cut at max_new_tokens.
+    assert shipped.teacher_tokenizer == recipe.teacher and written.teacher_tokenizer_fingerprint == "f" * 64
+    assert shipped.cut_off == written.cut_off == "drop" and written.fields.finish_reason == "finish_reason"
 
 
 def test_references_are_reduced_to_their_final_answer() -> None:
