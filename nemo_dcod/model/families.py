@@ -1,9 +1,18 @@
-"""Student model families from NeMo's own configs: Llama 3.x, Qwen2.5, Qwen3, and a tiny size of each.
+"""Student model families from NeMo's own configs: plain Llama, Llama 3.x, Qwen2.5, Qwen3, and a tiny
+size of each.
 
 A family + size names one of NeMo's ``GPTConfig`` subclasses (``Llama31Config8B``, ``Qwen3Config8B``,
 ...), so architecture details (GQA, RoPE base and Llama 3.1's RoPE scaling, QKV bias, QK-norm,
 tied embeddings) are NeMo's, not ours. The ``tiny`` size keeps the family's architecture at a few
 thousand parameters per layer for tests and the CPU demo.
+
+A family's class also carries behaviour that a checkpoint's values do not control: NeMo's
+``Llama31Config`` (and 3.2 / 3.3, its subclasses) rescales the rotary frequencies in
+``configure_model`` (Llama 3's ``scale_factor``), so a plain Llama (SmolLM2, TinyLlama, Llama 2:
+no ``rope_scaling``) trained as ``llama3.1`` would be changed before it trains. The plain
+``llama`` family is NeMo's ``LlamaConfig`` (no scaling). With ``model.init_from`` the family is
+taken from the checkpoint (:func:`family_of_checkpoint`), and a family named explicitly must not
+contradict the checkpoint on what the family fixes (:data:`FAMILY_SETTINGS`, :func:`contradictions`).
 
 :func:`build_gpt_config` then applies what the plug-in needs on top:
 
@@ -25,17 +34,27 @@ from typing import Any
 
 __all__ = [
     "FAMILIES",
+    "FAMILY_SETTINGS",
     "TINY",
     "architecture",
     "build_gpt_config",
     "config_of_family",
+    "contradictions",
     "family_config_class",
+    "family_of_checkpoint",
     "have_transformer_engine",
+    "init_from_family_problems",
     "use_local_layers",
 ]
 
 # family -> size -> NeMo config class name (in nemo.collections.llm).
 FAMILIES: dict[str, dict[str, str]] = {
+    "llama": {
+        "tiny": "LlamaConfig",
+        "7b": "Llama2Config7B",
+        "13b": "Llama2Config13B",
+        "70b": "Llama2Config70B",
+    },
     "llama3.1": {"tiny": "Llama31Config8B", "8b": "Llama31Config8B", "70b": "Llama31Config70B"},
     "llama3.2": {"tiny": "Llama32Config1B", "1b": "Llama32Config1B", "3b": "Llama32Config3B"},
     "llama3.3": {"tiny": "Llama31Config70B", "70b": "Llama31Config70B"},
@@ -102,6 +121,7 @@ def use_local_layers(config: Any) -> Any:
 
 # Where NeMo defines each family's config classes (nemo/collections/llm/gpt/model/<file>).
 _SOURCES = {
+    "llama": "llama.py",
     "llama3.1": "llama.py",
     "llama3.2": "llama.py",
     "llama3.3": "llama.py",
@@ -191,11 +211,136 @@ def config_of_family(target: str, family: str, size: str) -> bool:
     Family-specific behaviour (Llama 3.1's RoPE scaling, Qwen's QKV bias) lives in the class, so a
     checkpoint of another family trains as something it is not.
     """
+    classes = _all_classes()
+    mine, theirs = FAMILIES[family][size], target.rpartition(".")[2]
+    return mine in _ancestors(theirs, classes) or theirs in _ancestors(mine, classes)
+
+
+# What each family fixes whatever its size: the settings of its released checkpoints (Meta's Llama
+# 3.1 8B/70B/405B, 3.2 1B/3B, 3.3 70B), equal to NeMo's classes of every size (a unit test reads
+# them from NeMo's source). ``rope_scaling``: the family's class applies Llama 3's RoPE scaling. The
+# plain Llama and the Qwen families fix only that they do not scale: their released sizes differ
+# in RoPE base, norm epsilon or tying (and NeMo's Qwen classes disagree with the releases on tying).
+FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
+    "llama": {"rope_scaling": False},
+    "llama3.1": {
+        "rope_scaling": True,
+        "scale_factor": 8.0,
+        "rotary_base": 500000,
+        "layernorm_epsilon": 1e-5,
+        "share_embeddings_and_output_weights": False,
+    },
+    "llama3.2": {
+        "rope_scaling": True,
+        "scale_factor": 32.0,
+        "rotary_base": 500000,
+        "layernorm_epsilon": 1e-5,
+        "share_embeddings_and_output_weights": True,
+    },
+    "llama3.3": {
+        "rope_scaling": True,
+        "scale_factor": 8.0,
+        "rotary_base": 500000,
+        "layernorm_epsilon": 1e-5,
+        "share_embeddings_and_output_weights": False,
+    },
+    "qwen2.5": {"rope_scaling": False},
+    "qwen3": {"rope_scaling": False},
+}
+_SCALING_CLASS = "Llama31Config"
+"""NeMo's class whose ``configure_model`` applies Llama 3's RoPE scaling (and its subclasses)."""
+
+
+def _all_classes() -> dict[str, tuple[list[str], dict[str, Any]]]:
     classes: dict[str, tuple[list[str], dict[str, Any]]] = {}
     for filename in sorted(set(_SOURCES.values())):
         classes.update(_nemo_config_defaults(filename))
-    mine, theirs = FAMILIES[family][size], target.rpartition(".")[2]
-    return mine in _ancestors(theirs, classes) or theirs in _ancestors(mine, classes)
+    return classes
+
+
+def _scales_rope(class_name: str) -> bool:
+    return _SCALING_CLASS in _ancestors(class_name, _all_classes())
+
+
+def _checkpoint_value(init_config: dict[str, Any], name: str) -> Any:
+    if name == "rope_scaling":
+        target = str(init_config.get("_target_", "")).rpartition(".")[2]
+        return _scales_rope(target) if target else init_config.get("scale_factor") is not None
+    return init_config.get(name)
+
+
+def _same(fixed: Any, value: Any) -> bool:
+    if isinstance(fixed, bool) or isinstance(value, bool):
+        return bool(fixed) == bool(value)
+    if isinstance(fixed, int | float) and isinstance(value, int | float):
+        # fp32 round trips: SmolLM2's GGUF stores rms_norm_eps 1e-5 as 9.999999747378752e-06
+        return abs(float(fixed) - float(value)) <= 1e-6 * abs(float(fixed))
+    return bool(fixed == value)
+
+
+def contradictions(family: str, init_config: dict[str, Any]) -> list[str]:
+    """What ``family`` fixes (:data:`FAMILY_SETTINGS`) that a checkpoint's recorded config (its
+    ``context/model.yaml`` ``config``) contradicts, one phrase each; empty when it agrees.
+
+    A missing value counts as a contradiction only for RoPE scaling (read from the checkpoint's
+    config class): the other settings are then not recorded, and the checkpoint's own are used.
+    """
+    out = []
+    for name, fixed in FAMILY_SETTINGS.get(family, {}).items():
+        value = _checkpoint_value(init_config, name)
+        if name != "rope_scaling" and value is None:
+            continue
+        if not _same(fixed, value):
+            if name == "rope_scaling":
+                out.append(
+                    f"{family} {'applies' if fixed else 'has no'} Llama 3's RoPE scaling, the checkpoint "
+                    f"{'has' if value else 'has none'}"
+                )
+            else:
+                out.append(f"{family} has {name}={fixed}, the checkpoint {value}")
+    return out
+
+
+def family_of_checkpoint(init_config: dict[str, Any]) -> str | None:
+    """The first family (in :data:`FAMILIES` order) whose config class is related to the checkpoint's
+    (:func:`config_of_family`) and contradicts none of its settings; None when no family fits."""
+    target = str(init_config.get("_target_", ""))
+    for family in FAMILIES:
+        if config_of_family(target, family, "tiny") and not contradictions(family, init_config):
+            return family
+    return None
+
+
+def init_from_family_problems(
+    family: str | None, size: str, init_config: dict[str, Any], where: str
+) -> list[str]:
+    """Why a ``model.init_from`` checkpoint (its recorded config) cannot be trained as ``family``
+    (null: the family it fits, which must exist); ``where`` names it in the messages."""
+    target = str(init_config.get("_target_", "")) or "model of unknown class"
+    if family is None:
+        if family_of_checkpoint(init_config) is None:
+            return [f"{where} holds a {target} that fits no model.family ({', '.join(FAMILIES)})."]
+        return []
+    if family not in FAMILIES or size not in FAMILIES[family]:
+        return []  # reported by the family / size choices
+    if not config_of_family(target, family, size):
+        return [
+            f"{where} holds a {target}, not a model.family={family} model ({FAMILIES[family][size]}): set "
+            "model.family to the checkpoint's family, or leave it null to take it from the checkpoint."
+        ]
+    clashes = contradictions(family, init_config)
+    if not clashes:
+        return []
+    fits = family_of_checkpoint(init_config)
+    advice = (
+        f"leave model.family null (the checkpoint is a {fits} model) or set it to {fits}."
+        if fits
+        else "no family fits this checkpoint."
+    )
+    return [
+        f"model.family={family} contradicts {where}: {'; '.join(clashes)}. Training it as {family} would "
+        f"change the model before it trains; {advice}"
+    ]
 
 
 def have_transformer_engine() -> bool:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from nemo_dcod.config import LOSS_SECTION, choice_problems
 from nemo_dcod.losses.registry import LossRequirements, loss_problems, requirements_of
-from nemo_dcod.model.families import FAMILIES, architecture, config_of_family
+from nemo_dcod.model.families import FAMILIES, architecture, family_of_checkpoint, init_from_family_problems
 from nemo_dcod.parallel.layout import LaunchSection, ParallelSection
 
 if TYPE_CHECKING:
@@ -32,6 +32,9 @@ __all__ = [
     "init_checkpoint_config",
     "padded_vocab_size",
 ]
+
+DEFAULT_FAMILY = "llama3.1"
+"""model.family without model.init_from when it is null."""
 
 # The families and sizes the model plug-in knows (nemo_dcod.model.families imports no NeMo).
 FAMILY_SIZES: dict[str, tuple[str, ...]] = {family: tuple(sizes) for family, sizes in FAMILIES.items()}
@@ -72,14 +75,17 @@ def init_checkpoint_config(path: str) -> dict[str, Any]:
 class ModelSection:
     """The student."""
 
-    family: str = field(default="llama3.1", metadata={"choices": tuple(FAMILY_SIZES)})
-    """Architecture family, from NeMo's configs: llama3.1 | llama3.2 | llama3.3 | qwen2.5 | qwen3."""
+    family: str | None = field(default=None, metadata={"choices": (None, *FAMILY_SIZES)})
+    """Architecture family, from NeMo's configs: llama (plain: no RoPE scaling) | llama3.1 | llama3.2 |
+    llama3.3 | qwen2.5 | qwen3; null: model.init_from's (the family its config fits), llama3.1 without
+    model.init_from. Named with model.init_from, it must not contradict the checkpoint (RoPE scaling,
+    RoPE base, norm epsilon, tied embeddings: what the family fixes)."""
     size: str = "tiny"
     """A size of the family (e.g. 8b, 70b) or `tiny` (4 layers, width 64) for tests and the demo."""
     init_from: str | None = None
     """A NeMo 2 checkpoint to start from (e.g. made by `nemo-dcod import`); null: random init. Its
     architecture (layers, widths, heads, norms, RoPE, tied embeddings, padded vocabulary) is used;
-    model.family must be its family."""
+    model.family must be its family (null: taken from it)."""
     num_layers: int | None = None
     """Override the family's layer count (tiny sizes and tests)."""
     hidden_size: int | None = None
@@ -100,7 +106,7 @@ class ModelSection:
         Raises:
             ValueError: an unknown family or size.
         """
-        arch = architecture(self.family, self.size)
+        arch = architecture(self.family or DEFAULT_FAMILY, self.size)
         return (self.num_layers or arch["num_layers"], arch["num_attention_heads"], arch["num_query_groups"])
 
     def overrides(self) -> dict[str, Any]:
@@ -292,9 +298,10 @@ class TrainConfig:
 
     def _size_problems(self, check_paths: bool, has_gpu: bool, store_plan: str | None) -> list[str]:
         out = []
-        sizes = FAMILY_SIZES.get(self.model.family, ())
-        if sizes and self.model.size not in sizes:
-            out.append(f"model.size={self.model.size!r}: {self.model.family} has sizes {', '.join(sizes)}.")
+        family = self.model.family or DEFAULT_FAMILY
+        sizes = FAMILY_SIZES.get(family, ())
+        if sizes and self.model.size not in sizes and (self.model.family or not self.model.init_from):
+            out.append(f"model.size={self.model.size!r}: {family} has sizes {', '.join(sizes)}.")
         out.extend(self.trainer.launch_problems("trainer"))
         positive = {
             "trainer.max_steps": self.trainer.max_steps,
@@ -364,14 +371,7 @@ class TrainConfig:
                     f"model.{name}={mine}: {where} has {config[name]}; the checkpoint's architecture is "
                     f"used, drop model.{name}."
                 )
-        target = str(config.get("_target_", ""))
-        known = self.model.family in FAMILIES and self.model.size in FAMILIES[self.model.family]
-        if known and not config_of_family(target, self.model.family, self.model.size):
-            out.append(
-                f"model.init_from={self.model.init_from} holds a {target or 'model of unknown class'}, not a "
-                f"model.family={self.model.family} model ({FAMILIES[self.model.family][self.model.size]}): "
-                "set model.family to the checkpoint's family."
-            )
+        out.extend(init_from_family_problems(self.model.family, self.model.size, config, where))
         if self.data.source == "store" and self.data.path:
             out.extend(self._tokenizer_problems(where))
         return out
@@ -401,6 +401,23 @@ class TrainConfig:
             + "\n    ".join(diff)
             + "\n  Prepare the store with the checkpoint's tokenizer."
         ]
+
+    def student_family(self) -> str:
+        """The family the student is built as: model.family; when null, the ``model.init_from``
+        checkpoint's (:func:`~nemo_dcod.model.families.family_of_checkpoint`), else llama3.1.
+
+        Raises:
+            ValueError: model.family is null and the checkpoint fits no family (``validate`` says so).
+        """
+        if self.model.family is not None:
+            return self.model.family
+        if self.model.init_from is None:
+            return DEFAULT_FAMILY
+        config = init_checkpoint_config(self.model.init_from)
+        family = family_of_checkpoint(config)
+        if family is None:
+            raise ValueError(f"model.init_from={self.model.init_from}: its model fits no model.family.")
+        return family
 
     def model_shape(self) -> tuple[int, int, int]:
         """(num_layers, num_attention_heads, num_query_groups) of the student: the ``model.init_from``

@@ -64,7 +64,8 @@ def dry_run_train(cfg: TrainConfig, store_plan: str | None = None, made_later: b
     if cfg.data.source == "store" and not (Path(str(cfg.data.path)) / "manifest.json").is_file():
         store = f" (store planned by {store_plan})"
     line = (
-        f"{cfg.model.family} {cfg.model.size}, {cfg.world_size} ranks = TP {p.tensor_model_parallel_size}"
+        f"{cfg.student_family()} {'(from model.init_from)' if cfg.model.init_from else cfg.model.size}, "
+        f"{cfg.world_size} ranks = TP {p.tensor_model_parallel_size}"
         f" x PP {p.pipeline_model_parallel_size} x CP {p.context_parallel_size} x DP {cfg.data_parallel_size}"
         f"{' (sequence parallel)' if p.sequence_parallel else ''}, {cfg.data.seq_length}-token rows, "
         f"micro-batch {t.micro_batch_size}, global batch {t.global_batch_size}, "

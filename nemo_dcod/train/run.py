@@ -76,7 +76,7 @@ def gpt_config_of(cfg: TrainConfig, seq_length: int | None = None, use_te: bool 
         use_te: Transformer Engine layers; None: as the config resolves on this machine (an
             error if they are asked for and TE cannot be imported).
     """
-    from nemo_dcod.model.families import build_gpt_config, have_transformer_engine
+    from nemo_dcod.model.families import FAMILIES, build_gpt_config, have_transformer_engine
 
     p = cfg.parallel
     if use_te is None:
@@ -90,9 +90,12 @@ def gpt_config_of(cfg: TrainConfig, seq_length: int | None = None, use_te: bool 
                 "model.spec",
             )
     init_config = init_checkpoint_config(cfg.model.init_from) if cfg.model.init_from else None
+    family, size = cfg.student_family(), cfg.model.size
+    if init_config is not None and size not in FAMILIES[family]:
+        size = "tiny"  # the family's class only: the architecture is the checkpoint's
     return build_gpt_config(
-        cfg.model.family,
-        cfg.model.size,
+        family,
+        size,
         padded_vocab_size=cfg.vocab_rows(init_config),
         seq_length=seq_length or cfg.data.seq_length,
         parallel={
@@ -188,7 +191,8 @@ _ARCHITECTURE = (
 
 def _architecture_of(init_config: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     """The ``model.init_from`` checkpoint's architecture fields, as ``GPTConfig`` overrides (that the
-    checkpoint is of model.family is a config check: ``TrainConfig._init_from_problems``)."""
+    checkpoint is of model.family, and that the family does not contradict it, e.g. apply a RoPE
+    scaling it does not have, is a config check: ``TrainConfig._init_from_problems``)."""
     return {name: init_config[name] for name in _ARCHITECTURE if name in init_config}
 
 

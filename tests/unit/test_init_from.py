@@ -22,6 +22,9 @@ from nemo_dcod.config import ConfigError, load_config
 from nemo_dcod.train.config import TrainConfig
 
 TARGET = "nemo.collections.llm.gpt.model.llama.Llama31Config8B"
+PLAIN = "nemo.collections.llm.gpt.model.llama.LlamaConfig"  # what `import` records without rope_scaling
+SCALED = "nemo.collections.llm.gpt.model.llama.Llama31Config"  # ... and with Llama 3's scaling
+LLAMA31 = {"rotary_base": 500000, "layernorm_epsilon": 1e-5, "share_embeddings_and_output_weights": False}
 
 
 def _checkpoint(root: Path, tokenizer: str, **config: Any) -> Path:
@@ -35,7 +38,9 @@ def _checkpoint(root: Path, tokenizer: str, **config: Any) -> Path:
         "hidden_size": 64,
         "ffn_hidden_size": 128,
     }
-    fields |= {"num_attention_heads": 4, "num_query_groups": 2} | config
+    fields |= {"num_attention_heads": 4, "num_query_groups": 2, "scale_factor": 8.0} | LLAMA31 | config
+    if fields["_target_"] == PLAIN:
+        del fields["scale_factor"]
     (ckpt / "context" / "model.yaml").write_text(yaml.safe_dump({"config": fields}))
     shutil.copytree(tokenizer, ckpt / "context" / "nemo_tokenizer")
     return ckpt
@@ -86,8 +91,41 @@ def test_a_matching_checkpoint_is_accepted(store: str, tmp_path: Path) -> None:
             (),
             "holds a nemo.collections.llm.gpt.model.qwen2.Qwen2Config, not a model.family=llama3.1 model",
         ),
+        (
+            {"_target_": PLAIN, "rotary_base": 100000},
+            (),
+            "model.family=llama3.1 contradicts model.init_from=",
+        ),
+        ({"rotary_base": 100000}, (), "llama3.1 has rotary_base=500000, the checkpoint 100000"),
+        ({"layernorm_epsilon": 1e-6}, (), "llama3.1 has layernorm_epsilon=1e-05, the checkpoint 1e-06"),
+        (
+            {"share_embeddings_and_output_weights": True},
+            (),
+            "llama3.1 has share_embeddings_and_output_weights=False, the checkpoint True",
+        ),
+        (
+            {"_target_": SCALED, "scale_factor": 32.0, "share_embeddings_and_output_weights": True},
+            (),
+            "leave model.family null (the checkpoint is a llama3.2 model)",
+        ),
+        (
+            {"_target_": SCALED, "scale_factor": 8.0},
+            ("model.family=llama",),
+            "llama has no Llama 3's RoPE scaling, the checkpoint has. Training it as llama",
+        ),
     ],
-    ids=["vocabulary_too_large", "tp_does_not_divide_rows", "override_contradicts", "another_family"],
+    ids=[
+        "vocabulary_too_large",
+        "tp_does_not_divide_rows",
+        "override_contradicts",
+        "another_family",
+        "plain_llama_as_llama31",
+        "rope_base",
+        "norm_eps",
+        "tied_embeddings",
+        "llama32_scaling_as_llama31",
+        "scaled_as_plain_llama",
+    ],
 )
 def test_init_from_problems(
     store: str, tmp_path: Path, config: dict[str, Any], overrides: tuple[str, ...], message: str
@@ -108,3 +146,54 @@ def test_a_store_of_another_tokenizer_of_the_same_size_is_refused(
     args = ["train", "--config", "conf/train_store_tiny.yaml", "--dry-run", f"data.path={store}"]
     assert main([*args, "data.vocab_size=209", f"model.init_from={ckpt}"]) == 2
     assert "its token ids would mean other tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "family"),
+    [
+        ({"_target_": PLAIN, "rotary_base": 100000, "share_embeddings_and_output_weights": True}, "llama"),
+        ({}, "llama3.1"),
+        ({"_target_": SCALED, "scale_factor": 32.0, "share_embeddings_and_output_weights": True}, "llama3.2"),
+        ({"_target_": "nemo.collections.llm.gpt.model.qwen2.Qwen2Config", "rotary_base": 10000}, "qwen2.5"),
+    ],
+    ids=["plain_llama", "llama31", "llama32", "qwen2"],
+)
+def test_a_null_family_is_the_checkpoints(
+    store: str, tmp_path: Path, config: dict[str, Any], family: str
+) -> None:
+    """model.family=null takes the family the checkpoint fits: a plain Llama (SmolLM2: base 100000,
+    tied, no scaling) is trained as NeMo's LlamaConfig, never with Llama 3.1's RoPE scaling."""
+    ckpt = _checkpoint(tmp_path, str(Path(store).parent / "tok"), **config)
+    args = [f"data.path={store}", "data.vocab_size=209", f"model.init_from={ckpt}", "model.family=null"]
+    cfg = load_config(TrainConfig, ROOT / "conf" / "train_store_tiny.yaml", args)
+    assert cfg.model.family is None and cfg.student_family() == family
+
+
+def test_the_same_settings_after_an_fp32_round_trip_are_accepted(store: str, tmp_path: Path) -> None:
+    """rms_norm_eps 1e-5 read back from fp32 (as a GGUF stores it) is 1e-5, not a contradiction."""
+    ckpt = _checkpoint(tmp_path, str(Path(store).parent / "tok"), layernorm_epsilon=9.999999747378752e-06)
+    args = [f"data.path={store}", "data.vocab_size=209", f"model.init_from={ckpt}"]
+    cfg = load_config(TrainConfig, ROOT / "conf" / "train_store_tiny.yaml", args)
+    assert cfg.student_family() == "llama3.1"
+
+
+def test_family_settings_are_nemos_for_every_size() -> None:
+    """What FAMILY_SETTINGS says a family fixes is what NeMo's class of each of its sizes sets (read
+    from NeMo's source), and only Llama 3's classes apply RoPE scaling."""
+    from nemo_dcod.model.families import FAMILIES, FAMILY_SETTINGS, _all_classes, _ancestors
+
+    classes = _all_classes()
+    for family, sizes in FAMILIES.items():
+        for size, name in sizes.items():
+            resolved: dict[str, Any] = {}
+            chain = [name]
+            while chain[-1] in classes and classes[chain[-1]][0]:
+                chain.append(classes[chain[-1]][0][0])
+            for cls in reversed(chain):
+                resolved.update(classes.get(cls, ([], {}))[1])
+            settings = FAMILY_SETTINGS[family]
+            scales = "Llama31Config" in _ancestors(name, classes)
+            assert settings["rope_scaling"] == scales, (family, size)
+            for key, value in settings.items():
+                if key != "rope_scaling":
+                    assert resolved[key] == pytest.approx(value), (family, size, key)
