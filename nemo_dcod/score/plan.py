@@ -2,7 +2,8 @@
 
 **Checks before any work.** The store is complete; the scored model's tokenizer maps every id to
 the token the store's tokenizer does (a mismatch is an error with a short diff); the model has
-room for the vocabulary and TP divides its rows; the store holds no teacher columns from elsewhere
+room for the vocabulary and TP divides its rows; TP x PP divides its heads, query groups and layers
+(before the run marks the store); the store holds no teacher columns from elsewhere
 (generation log-probs, another model) unless ``overwrite=true``.
 
 **The key.** The run's key hashes the store's key, the checkpoint's content identity (its
@@ -165,6 +166,30 @@ def _check_vocabulary(cfg: ScoreConfig, manifest: dict[str, Any], checkpoint: Pa
     return vocab
 
 
+def _check_layout(cfg: ScoreConfig, checkpoint: Path) -> None:
+    """TP x PP must divide the checkpoint's heads, query groups and layers (its recorded config):
+    checked here, before the run marks the store, so that a layout Megatron would refuse with an
+    assertion inside every rank leaves the store as it was.
+
+    Raises:
+        ScoreError: every clash, naming the fields.
+    """
+    from nemo_dcod.train.config import init_checkpoint_config
+
+    try:
+        config = init_checkpoint_config(str(checkpoint))
+        heads = int(config["num_attention_heads"])
+        shape = (int(config["num_layers"]), heads, int(config.get("num_query_groups") or heads))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ScoreError(f"checkpoint={checkpoint}: its model config cannot be read: {exc}") from exc
+    problems = cfg.parallel.problems(cfg.world_size, shape, forward_only=True)
+    if problems:
+        raise ScoreError(
+            f"checkpoint={checkpoint} ({shape[0]} layers, {shape[1]} heads, {shape[2]} query groups) "
+            "cannot be scored at this layout:\n  " + "\n  ".join(problems)
+        )
+
+
 def plan_scoring(cfg: ScoreConfig) -> ScorePlan | None:
     """Check everything, and decide the run; None when the store already holds this scoring.
 
@@ -176,6 +201,7 @@ def plan_scoring(cfg: ScoreConfig) -> ScorePlan | None:
     manifest = store.manifest
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     vocab = _check_vocabulary(cfg, manifest, checkpoint)
+    _check_layout(cfg, checkpoint)
     if cfg.topk > vocab:
         raise ScoreError(f"topk={cfg.topk}: larger than the {vocab}-token vocabulary.")
     key = _sha(
