@@ -4,6 +4,10 @@ position (raised by :class:`~nemo_dcod.data.store.PackedStore` when the row is r
 in the optimizer: the run exits 1 before any step is logged.
 
 One CPU process (``trainer.devices=1``, TP=1), two steps of conf/train_store_tiny.yaml.
+
+A NaN that reaches DisCorD's carried statistics (planted as a NaN Δ in step 3 through
+``tests/helpers/faults.py``) stops the run in that step with the error naming the step and the
+statistic, before the optimizer applies it: steps 1-2 are logged, step 3 never is.
 """
 
 from __future__ import annotations
@@ -63,3 +67,39 @@ def test_nan_teacher_logprob_in_a_shard_stops_training_naming_shard_and_row(tmp_
     metrics = run_dir / "metrics.jsonl"
     logged = metrics.read_text().splitlines() if metrics.exists() else []
     assert not [line for line in logged if '"loss"' in line], logged  # no step ran on the NaN
+
+
+def test_nan_in_carried_statistics_stops_the_run_before_the_optimizer_step(tmp_path: Path) -> None:
+    store = Path(prepare_store(tmp_path, seq_length=128, vocab_size=209))
+    manifest = json.loads((store / "manifest.json").read_text())
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "helpers" / "faults.py"),
+            "train",
+            "TrainHooks(callbacks=(PlantNonFiniteDelta(step=3),))",
+            "--config=conf/train_store_tiny.yaml",
+            f"run_dir={run_dir}",
+            f"data.path={store}",
+            f"data.vocab_size={manifest['vocab_size']}",
+            "trainer.devices=1",
+            "parallel.tensor_model_parallel_size=1",
+            "trainer.max_steps=5",
+            "trainer.ckpt_every_n_steps=100",
+            "optim.warmup_steps=1",
+            "loss.center=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert "NaN Δ planted in step 3" in proc.stderr, proc.stderr[-4000:]
+    assert "NonFiniteStatsError: DisCorD's carried statistic b (mean Δ) = nan measured on step 2's batch" in (
+        proc.stderr
+    ), proc.stderr[-4000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2], steps  # step 3 was never applied nor logged

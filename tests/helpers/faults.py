@@ -14,7 +14,9 @@ other ranks with the same command line, so each builds its own):
 * :class:`KillMidCheckpointWrite`: every rank SIGKILLs itself in the middle of its ``save``-th
   checkpoint write, after its shard files are written and before the index that completes them;
 * :class:`HideCheckpoint`: one rank's completeness check calls a complete checkpoint incomplete
-  (a rank whose view of a shared file system lags behind).
+  (a rank whose view of a shared file system lags behind);
+* :class:`PlantNonFiniteDelta`: DisCorD's carried statistics receive a NaN Δ in one step, as a NaN
+  teacher log-prob would bring with ``loss.validate=false``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import lightning.pytorch as pl
 
 from nemo_dcod.parallel.launch import launch_rank
 
-__all__ = ["HideCheckpoint", "KillAt", "KillMidCheckpointWrite"]
+__all__ = ["HideCheckpoint", "KillAt", "KillMidCheckpointWrite", "PlantNonFiniteDelta"]
 
 
 class KillAt:
@@ -103,18 +105,46 @@ class HideCheckpoint:
         return checkpoint_problem(path)
 
 
+class PlantNonFiniteDelta(pl.Callback):
+    """At the start of optimizer step ``step`` (1-based), hand the run's carried DisCorD statistics
+    (:class:`~nemo_dcod.losses.carry.CarriedStats`) one NaN Δ on a loss token, beside the step's
+    real ones: the step's measured statistics are then NaN, as when a NaN teacher log-prob or an
+    overflowed logit reaches Δ with validation off."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        import torch
+
+        del batch, batch_idx
+        if trainer.global_step + 1 != self.step:
+            return
+        carried = pl_module.training_loss_reduction.carried  # type: ignore[attr-defined]
+        carried.keep(
+            trainer.global_step, torch.full((1, 1), float("nan")), torch.ones(1, 1, dtype=torch.bool)
+        )
+        print(f"faults: NaN Δ planted in step {self.step}", file=sys.stderr, flush=True)
+
+
 def _train(argv: list[str]) -> None:
-    """``train '<TrainHooks expression>' key=value ...``: ``nemo-dcod train`` with those hooks."""
+    """``train '<TrainHooks expression>' [--config=PATH] key=value ...``: ``nemo-dcod train`` with
+    those hooks."""
     from nemo_dcod.config import load_config
     from nemo_dcod.train.config import TrainConfig
     from nemo_dcod.train.hooks import TrainHooks
     from nemo_dcod.train.run import run_train
 
     names = {"TrainHooks": TrainHooks, "KillMidCheckpointWrite": KillMidCheckpointWrite}
-    hooks = eval(argv[0], {**names, "HideCheckpoint": HideCheckpoint})  # the tests' own expression
+    names |= {"HideCheckpoint": HideCheckpoint, "PlantNonFiniteDelta": PlantNonFiniteDelta}
+    hooks = eval(argv[0], names)  # the tests' own expression
     if not isinstance(hooks, TrainHooks):
         raise SystemExit(f"faults.py train: {argv[0]!r} is no TrainHooks expression")
-    run_train(load_config(TrainConfig, None, argv[1:]), hooks)
+    rest = argv[1:]
+    config = rest.pop(0).removeprefix("--config=") if rest and rest[0].startswith("--config=") else None
+    run_train(load_config(TrainConfig, config, rest), hooks)
 
 
 if __name__ == "__main__":  # a guard is needed: checkpoint saving may spawn processes
