@@ -37,10 +37,12 @@ from nemo_dcod.study.jobs import Job, run_jobs
 __all__ = ["MARKER", "provenance", "run_study", "seed_dir", "student_dir"]
 
 MARKER = "study.json"
-PREP_VERSION = 1
-"""Bumped when what a seed's folder holds changes meaning (old folders are then not reused)."""
-STUDENT_VERSION = 1
-"""Bumped when what a student's summary holds changes meaning."""
+PREP_VERSION = 2
+"""Bumped when what a seed's folder holds changes meaning (old folders are then not reused).
+2: the warm start's training reads its rows shuffled (``data.shuffle``)."""
+STUDENT_VERSION = 2
+"""Bumped when what a student's summary holds changes meaning. 2: rows shuffled, DisCorD's carried
+ḡ paired with its b."""
 
 
 def _key(obj: Any) -> str:
