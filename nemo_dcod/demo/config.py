@@ -49,6 +49,10 @@ class DemoConfig:
     """Where every artifact of the run goes; a previous demo run there is replaced."""
     seed: int = 0
     """Seeds problems, teacher samples, initialisation, data order and the exposure samplers."""
+    start: str = field(default="random", metadata={"choices": ("random", "warm")})
+    """Where both students start: random (the untrained initialisation) | warm (a short SFT on a
+    textbook corpus of shorter chains first, so the students already have the stepwise skill and
+    what differs is what the loss does with it; `nemo-dcod study`'s start.kind=warm)."""
     reduced: bool = False
     """CI mode: 300 training problems, 32 held-out ones, 8 steps, 16 exposure samples (checks that
     every stage runs and every artifact is consistent, not what the method does)."""

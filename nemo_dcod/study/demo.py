@@ -1,7 +1,8 @@
 """``nemo-dcod demo``: the embedded default, a two-student study on one seed.
 
 The demo is :func:`~nemo_dcod.study.run.run_study` with the demo's values (:class:`DemoConfig`):
-the ``styles`` task, one seed, a random start (one checkpoint, loaded by both students), the
+the ``styles`` task, one seed, one start (``start``: random or warm; one checkpoint, loaded by
+both students), the
 students at ``tensor_model_parallel_size`` (2: two gloo processes each, both students side by
 side), greedy eval, forced-style skill and ExAccErr. On top of the study it keeps two promises of
 the demo: a run directory is replaced by the next demo run (never a folder the demo did not make),
@@ -78,7 +79,7 @@ def study_of(cfg: DemoConfig, run_dir: Path) -> Any:
             teacher_noise=cfg.teacher_noise,
             seq_length=cfg.seq_length,
         ),
-        start=StartSection(kind="random"),
+        start=StartSection(kind=cfg.start),
         training=TrainingSection(
             steps=cfg.steps,
             global_batch_size=cfg.global_batch_size,
