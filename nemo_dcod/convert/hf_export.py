@@ -112,6 +112,9 @@ def plain_nemo_model(model: Any, tokenizer: Any) -> Any:
     names = list(recorded) if recorded is not None else [f.name for f in dataclasses.fields(config) if f.init]
     values = {n: getattr(config, n) for n in names if n not in _TRAINING_ONLY}
     values.update({k: v for k, v in _SINGLE_LAYOUT.items() if hasattr(config, k)})
+    context_length = getattr(model, "context_length", None)
+    if context_length:  # a student: its config's seq_length is the training rows' (export writes this one)
+        values["seq_length"] = int(context_length)
     plain_config = type(config)(**values)
     return getattr(llm, family.model_class)(plain_config, tokenizer=tokenizer)
 
@@ -188,16 +191,19 @@ class _CheckedExporter:
 
     @property
     def config(self) -> Any:
-        """NeMo's HF config of the family, with the vocabulary, tying and token ids of this checkpoint."""
+        """NeMo's HF config of the family, with the vocabulary, tying and token ids of this checkpoint
+        (the end-of-sequence ids of the generation config the checkpoint records, as the HF model
+        had them, e.g. Llama 3.1 Instruct's three; else the tokenizer's)."""
         from nemo.lightning import io
 
         hf_config = super().config  # type: ignore[misc]
         source = io.load_context(str(self), subpath="model.config")
         tok = self.hf_tokenizer()
+        generation = getattr(source, "generation_config", None)
         hf_config.vocab_size = int(source.vocab_size)
         hf_config.tie_word_embeddings = bool(source.share_embeddings_and_output_weights)
-        hf_config.bos_token_id = tok.bos_token_id
-        hf_config.eos_token_id = tok.eos_token_id
+        hf_config.bos_token_id = getattr(generation, "bos_token_id", None) or tok.bos_token_id
+        hf_config.eos_token_id = getattr(generation, "eos_token_id", None) or tok.eos_token_id
         if tok.pad_token_id is not None:
             hf_config.pad_token_id = tok.pad_token_id
         return hf_config
@@ -319,6 +325,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
     from nemo_dcod.convert.verify import compare_hf_nemo, compare_nemo_nemo
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
+    from nemo_dcod.parallel.threads import set_cpu_threads
 
     checkpoint = Path(cfg.checkpoint).expanduser().resolve()
     export_dtype = _DTYPES[cfg.dtype]
@@ -329,6 +336,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         if out is not None:
             refuse_existing(out, cfg.overwrite)
     enable_cpu_mode()
+    set_cpu_threads()
     model = io.load_context(str(checkpoint), subpath="model")
     family = family_of_nemo(model.config)
     report: dict[str, Any] = {

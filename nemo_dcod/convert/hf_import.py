@@ -312,11 +312,13 @@ def run_import(cfg: ImportConfig) -> Path:
 
     from nemo_dcod.convert.verify import compare_hf_nemo
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
+    from nemo_dcod.parallel.threads import set_cpu_threads
 
     source = Path(cfg.hf).expanduser().resolve()
     out = Path(cfg.out).expanduser().resolve()
     hf_config, family, _ = check_hf_folder(source, cfg.family)
     enable_cpu_mode()
+    set_cpu_threads()
     importers()
     with staged_directory(out, overwrite=cfg.overwrite) as staging:
         model_cls = getattr(llm, family.model_class)

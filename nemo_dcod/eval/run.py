@@ -147,6 +147,9 @@ def _build_generator(cfg: EvalConfig, entry: ModelEntry, tokenizer: Any, stop_id
             progress=cfg.progress,
             trust_remote_code=cfg.trust_remote_code,
         )
+    from nemo_dcod.parallel.threads import set_cpu_threads
+
+    set_cpu_threads()  # a no-op on a GPU machine
     return TransformersGenerator(
         entry.path,
         tokenizer,

@@ -33,6 +33,9 @@ class DistillGPTModel(llm.GPTModel):
             (:func:`~nemo_dcod.model.reduction.carried_stats`), shared by the models NeMo makes
             for virtual-pipeline chunks from these same arguments; empty: this model's own.
         optim, tokenizer, model_transform: as for ``llm.GPTModel``.
+        context_length: the positions the model was made for (its ``model.init_from`` checkpoint's:
+            an import's is the HF ``max_position_embeddings``), which ``config.seq_length`` (the
+            training rows) is not; ``export`` writes it back. None: no source model (random init).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class DistillGPTModel(llm.GPTModel):
         optim: Any = None,
         tokenizer: Any = None,
         model_transform: Any = None,
+        context_length: int | None = None,
     ) -> None:
         super().__init__(config, optim=optim, tokenizer=tokenizer, model_transform=model_transform)
         self._training_loss_reduction: DistillLossReduction | None = None
@@ -53,6 +57,7 @@ class DistillGPTModel(llm.GPTModel):
         self.real_vocab_size = int(vocab_size)
         self.total_steps = int(total_steps)
         self.stats_key = stats_key or f"model-{id(self)}"
+        self.context_length = context_length
 
     def _reduction(self, validation: bool = False) -> DistillLossReduction:
         from nemo_dcod.losses.registry import build_from_section

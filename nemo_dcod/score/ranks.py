@@ -144,9 +144,11 @@ def score_rank(rank: int, world: int, plan: ScorePlan, on_write: WriteHook | Non
 
     from nemo_dcod.model.loading import load_nemo_model, megatron_parallel
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
+    from nemo_dcod.parallel.threads import local_ranks, set_cpu_threads
 
-    del rank, world
+    del rank
     enable_cpu_mode()
+    set_cpu_threads(local_ranks(world))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "checkpoint": None}[plan.dtype]
     device = (
         torch.device("cuda", torch.cuda.current_device())

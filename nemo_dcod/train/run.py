@@ -114,8 +114,10 @@ def gpt_config_of(cfg: TrainConfig, seq_length: int | None = None, use_te: bool 
         },
         precision=_precision_fields(cfg),
         overrides=cfg.model.overrides()
-        if init_config is None
-        else _architecture_of(init_config, cfg) | cfg.model.dropout_overrides(),
+        if init_config is None or cfg.model.init_from is None
+        else _architecture_of(init_config, cfg)
+        | cfg.model.dropout_overrides()
+        | _generation_config_of(cfg.model.init_from),
         use_te=use_te,
     )
 
@@ -159,6 +161,7 @@ def build_model(cfg: TrainConfig, seq_length: int | None = None) -> Any:
         total_steps=cfg.trainer.max_steps,
         stats_key=uuid.uuid4().hex,  # this launch's carried statistics (see DistillGPTModel)
         optim=MegatronOptimizerModule(config=optimizer, lr_scheduler=scheduler),
+        context_length=_context_length_of(cfg.model.init_from) if cfg.model.init_from else None,
     )
 
 
@@ -194,6 +197,29 @@ def _architecture_of(init_config: dict[str, Any], cfg: TrainConfig) -> dict[str,
     checkpoint is of model.family, and that the family does not contradict it, e.g. apply a RoPE
     scaling it does not have, is a config check: ``TrainConfig._init_from_problems``)."""
     return {name: init_config[name] for name in _ARCHITECTURE if name in init_config}
+
+
+def _context_length_of(init_from: str) -> int | None:
+    """The positions a ``model.init_from`` checkpoint's model was made for: a training checkpoint's
+    recorded ``context_length``, else its config's ``seq_length`` (an import's is the HF model's
+    ``max_position_embeddings``)."""
+    import yaml
+
+    recorded = yaml.safe_load((Path(init_from) / "context" / "model.yaml").read_text()) or {}
+    length = recorded.get("context_length") or (recorded.get("config") or {}).get("seq_length")
+    return int(length) if length else None
+
+
+def _generation_config_of(init_from: str) -> dict[str, Any]:
+    """``{"generation_config": ...}`` of a ``model.init_from`` checkpoint that records one (an import
+    keeps the HF model's end-of-sequence ids there), so that the student's checkpoints, and its
+    export, keep it; empty otherwise."""
+    folder = Path(init_from) / "context" / "artifacts"
+    if not (folder / "generation_config.json").is_file():
+        return {}
+    from transformers import GenerationConfig
+
+    return {"generation_config": GenerationConfig.from_pretrained(str(folder))}
 
 
 def _data_module(cfg: TrainConfig, layout: StoreLayout | None) -> Any:
@@ -332,7 +358,9 @@ def _logger(cfg: TrainConfig, run_dir: Path) -> Any:
     checkpoint = nl.ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"),
         every_n_train_steps=t.ckpt_every_n_steps,
-        save_last=True,
+        # "link": the -last checkpoint of a step that also saves its numbered one is a symlink to
+        # it, not a second write of the same weights (1.7 GB for a 135M model with its optimizer).
+        save_last="link",
         save_top_k=t.save_top_k,
         monitor="step",
         mode="max",
@@ -377,11 +405,13 @@ def run_train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> Path:
 
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
     from nemo_dcod.parallel.launch import launch_rank
+    from nemo_dcod.parallel.threads import local_ranks, set_cpu_threads
     from nemo_dcod.train.callbacks import ResumeAsRankZero
     from nemo_dcod.train.checkpoints import newest_complete_checkpoint, shield_checkpoint_writer
 
     hooks = hooks or TrainHooks()
     enable_cpu_mode()
+    set_cpu_threads(local_ranks(cfg.trainer.devices))
     _seed_with(cfg.seed)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
