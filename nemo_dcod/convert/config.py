@@ -147,7 +147,8 @@ class ExportConfig:
     """``nemo-dcod export``: a NeMo 2 checkpoint (any TP/PP) -> Hugging Face and/or a plain NeMo 2 one."""
 
     checkpoint: str = ""
-    """The NeMo 2 checkpoint (``--checkpoint``): from ``nemo-dcod train`` or ``import``."""
+    """The NeMo 2 checkpoint (``--checkpoint``): from ``nemo-dcod train`` or ``import``, or a run's
+    ``checkpoints/`` folder (its newest complete checkpoint, as ``score`` takes it)."""
     hf_out: str | None = None
     """Hugging Face folder to write (``--hf-out``): sharded safetensors + index, config, tokenizer."""
     nemo_out: str | None = None

@@ -1,6 +1,6 @@
 """``nemo-dcod export``: a NeMo 2 checkpoint -> a Hugging Face folder and/or a plain NeMo 2 checkpoint.
 
-    nemo-dcod export --checkpoint runs/tiny/checkpoints/<step>-last --hf-out out/hf nemo_out=out/nemo
+    nemo-dcod export --checkpoint runs/tiny/checkpoints --hf-out out/hf nemo_out=out/nemo
 
 Two deliverables, each written completely or not at all (:mod:`nemo_dcod.convert.staging`):
 
@@ -292,15 +292,30 @@ def _folder_bytes(path: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
 
 
-def _check_checkpoint(path: Path) -> None:
+def _check_checkpoint(path: Path) -> Path:
+    """The checkpoint to export: ``path`` itself when it is a NeMo 2 checkpoint, else the newest
+    complete one inside it (a run's ``checkpoints/`` folder, as ``score`` takes it)."""
+    from nemo_dcod.train.checkpoints import checkpoint_problem, newest_complete_checkpoint
+
     if not path.is_dir():
         raise InputError(f"checkpoint={path}: no such folder.")
-    missing = [name for name in ("context", "weights") if not (path / name).is_dir()]
-    if missing:
+    if (path / "context").is_dir() or (path / "weights").is_dir():
+        missing = [name for name in ("context", "weights") if not (path / name).is_dir()]
+        if missing:
+            raise InputError(
+                f"checkpoint={path}: not a NeMo 2 checkpoint (no {' or '.join(missing)}/); point it at a "
+                "folder holding context/ and weights/, or at a run's checkpoints/ folder."
+            )
+        return path
+    newest = newest_complete_checkpoint(path)
+    if newest is None:
         raise InputError(
-            f"checkpoint={path}: not a NeMo 2 checkpoint (no {' or '.join(missing)}/); point it at a folder "
-            "holding context/ and weights/, e.g. <run_dir>/checkpoints/<name>-last."
+            f"checkpoint={path}: not a NeMo 2 checkpoint (no context/ and weights/) nor a folder holding a "
+            "complete one (e.g. <run_dir>/checkpoints)."
         )
+    problem = checkpoint_problem(newest)
+    assert problem is None, problem  # newest_complete_checkpoint returns complete ones only
+    return newest.resolve()
 
 
 @contextmanager
@@ -331,7 +346,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     export_dtype = _DTYPES[cfg.dtype]
     hf_out = Path(cfg.hf_out).expanduser().resolve() if cfg.hf_out else None
     nemo_out = Path(cfg.nemo_out).expanduser().resolve() if cfg.nemo_out else None
-    _check_checkpoint(checkpoint)
+    checkpoint = _check_checkpoint(checkpoint)
     for out in (hf_out, nemo_out):
         if out is not None:
             refuse_existing(out, cfg.overwrite)

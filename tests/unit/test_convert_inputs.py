@@ -9,6 +9,7 @@ the conversions themselves are in ``tests/distributed/test_convert_roundtrip.py`
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,18 @@ def test_cli_bad_input_and_existing_target_leave_nothing_behind(
     assert main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--hf-out", str(tmp_path / "x")]) == 1
     assert "no such folder" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(src), "--hf-out", str(tmp_path / "x")]) == 1
-    assert "not a NeMo 2 checkpoint (no context or weights/)" in capsys.readouterr().err
+    assert "not a NeMo 2 checkpoint (no context/ and weights/) nor a folder holding a complete one" in (
+        capsys.readouterr().err
+    )
+    # A run's checkpoints/ folder is taken as score takes it: its newest complete checkpoint (this
+    # one is incomplete: no context/io.json, no weights metadata).
+    run_checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.copytree(fake, run_checkpoints / "step=1-consumed_samples=2.0")
+    assert main(["export", "--checkpoint", str(run_checkpoints), "--hf-out", str(tmp_path / "y")]) == 1
+    assert "nor a folder holding a complete one (e.g. <run_dir>/checkpoints)" in capsys.readouterr().err
+    (fake / "weights").rmdir()
+    assert main(["export", "--checkpoint", str(fake), "--hf-out", str(tmp_path / "z")]) == 1
+    assert "not a NeMo 2 checkpoint (no weights/)" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- configs and flags
