@@ -7,9 +7,10 @@ it once per rank), 3 optimizer steps of the tiny Llama 3.1 (4 layers, width 64) 
 store made by ``prepare`` in the test (12 rows of 64 tokens holding 1 to 5 documents each:
 block-diagonal causal masks, positions restarting per document), global batch 8, DisCorD with
 centring (``loss.center=true``: both of its global statistics, b and ḡ, are live; with the default
-``loss.stats=previous_step`` steps 1-2 train with λ = 0 and step 3 with λ = 1 on step 2's
-statistics). Every rank runs with :class:`helpers.grad_probe.RecordGradients`
-(``tests/helpers/grad_probe.py``, the entry point that passes ``run_train`` that hook) and writes,
+``loss.stats=previous_step`` step 1 trains with λ = 0, steps 2 and 3 with λ = 1 on the previous
+step's statistics), rows in the default shuffled order (``data.shuffle``). Every rank runs with
+:class:`helpers.grad_probe.RecordGradients` (``tests/helpers/grad_probe.py``, the entry point that
+passes ``run_train`` that hook) and writes,
 per step, the gradient of each of its parameters as Megatron's optimizer receives it: after
 ``finalize_model_grads`` (all-reduced over data-parallel ranks, sequence-parallel norm weights over
 TP, divided by the global token count) and **before clipping** (``clip_grad=1.0``; the step norms
@@ -28,7 +29,9 @@ are ~1.8-2.2, so clipping acts on every step).
 * **the data**: in every step each data-parallel rank reads the samples of Megatron's fixed split
   of the global batch (micro-batch ``k`` of DP rank ``r`` at micro-batch size ``m`` holds samples
   ``k·m·DP + r·m + [0, m)`` of the step's 8), so the DP ranks' samples are disjoint and together
-  the reference's, and every rank of one DP rank's TP x PP group reads the same.
+  the reference's, and every rank of one DP rank's TP x PP group reads the same; and each sample
+  index serves the same store row as in the reference (the seeded permutation is the same for
+  every layout), not the store's order.
 
 **Tolerances and what was observed** (fp32 on 2 CPU cores, one thread per rank): ``GRAD_RTOL`` =
 2e-5 and ``RTOL`` = 1e-5. Worst per-parameter differences seen (relative to each tensor's largest
@@ -274,7 +277,11 @@ def reference(runs: dict[str, Future[Run]]) -> Run:
         assert all(math.isfinite(r[key]) for key in COMPARED), r
     # The run must move: equal numbers at every step would also match a layout that never trains.
     assert len({r["loss"] for r in run.records}) == STEPS
-    assert run.records[-1]["lambda"] == 1.0  # step 3 trains with DisCorD's weights
+    # Steps 2 and 3 train with DisCorD's weights: two of the three compared steps can catch a bug
+    # in them (with centring, b and ḡ of the previous step).
+    assert [r["lambda"] for r in run.records] == [0.0, 1.0, 1.0], [r["lambda"] for r in run.records]
+    first = [run.steps[0].rows[i] for i in range(GLOBAL_BATCH)]
+    assert first != list(range(GLOBAL_BATCH)) and None not in first, first  # shuffled, not store order
     return run
 
 
@@ -306,6 +313,8 @@ def test_layout_matches_reference(layout: Layout, runs: dict[str, Future[Run]], 
     run = runs[layout.name].result()
     dp_size = layout.devices // (2 ** sum(o in (TP2, PP2) for o in layout.overrides))
     replicas = _check_run(run, dp_size, layout.micro_batch)
+    for step, (ours, ref) in enumerate(zip(run.steps, reference.steps, strict=True), start=1):
+        assert ours.rows == ref.rows, f"step {step}: store rows {ours.rows} vs the reference's {ref.rows}"
     differences = _grad_differences(run, reference)
     report, mismatched = [], []
     for key in COMPARED:

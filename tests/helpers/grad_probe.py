@@ -12,7 +12,8 @@ writes ``<out_dir>/step<k>/rank<r>.pt``:
   ``vpp_size``;
 * ``samples``: the training-set indices this rank's dataloader served during the step, in order
   (the data module's ``train_ds`` is wrapped in :class:`RecordingDataset` at setup, before the
-  dataloader is made).
+  dataloader is made), and ``rows``: the store row each of them served (the data order's
+  :meth:`~nemo_dcod.data.module.EpochRows.row`; None for a source without rows).
 
 **Which gradient.** Lightning calls ``on_before_optimizer_step`` after the closure (NeMo's
 ``MegatronStrategy.training_step``: Megatron's forward-backward schedule, ending in
@@ -46,6 +47,11 @@ class RecordingDataset(Dataset[dict[str, torch.Tensor]]):
 
     def __init__(self, base: Any, served: list[int]) -> None:
         self.base, self.served = base, served
+
+    def row(self, index: int) -> int | None:
+        """The store row behind sample ``index`` (None when the source has no rows)."""
+        row = getattr(self.base, "row", None)
+        return None if row is None else int(row(index))
 
     def __len__(self) -> int:
         return len(self.base)
@@ -95,7 +101,8 @@ class RecordGradients(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         del pl_module, stage
         data = trainer.datamodule  # type: ignore[attr-defined]
-        data.train_ds = RecordingDataset(data.train_ds, self.served)
+        self.dataset = RecordingDataset(data.train_ds, self.served)
+        data.train_ds = self.dataset
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -124,6 +131,7 @@ class RecordGradients(pl.Callback):
         record = {
             "grads": grads,
             "samples": list(self.served),
+            "rows": [self.dataset.row(i) for i in self.served],
             "tp_rank": ps.get_tensor_model_parallel_rank(),
             "tp_size": ps.get_tensor_model_parallel_world_size(),
             "pp_rank": ps.get_pipeline_model_parallel_rank(),
@@ -147,6 +155,7 @@ class StepGradients:
             and virtual-PP chunk merged under global names).
         samples: ``dp_rank -> indices`` served to that data-parallel rank in the step (the same
             on every rank of the rank's TP x PP group, which is checked).
+        rows: ``sample index -> store row`` it served in the step (every rank's).
         replica_diff: the largest difference between two copies of one gradient element (data-
             parallel replicas, TP replicas of norm weights, TP ranks of one PP stage), relative
             to the tensor's largest magnitude: Megatron's reductions must leave them equal.
@@ -155,6 +164,7 @@ class StepGradients:
     full: dict[str, torch.Tensor]
     samples: dict[int, list[int]]
     replica_diff: float
+    rows: dict[int, int | None]
 
 
 def _merge_tp(name: str, shards: list[dict[str, Any]]) -> torch.Tensor:
@@ -191,7 +201,11 @@ def read_step(out_dir: Path, step: int) -> StepGradients:
     # name -> tp_rank -> every copy (DP replicas; PP stages if a parameter lived on two)
     copies: dict[str, dict[int, list[dict[str, Any]]]] = {}
     samples: dict[int, list[int]] = {}
+    rows: dict[int, int | None] = {}
     for rec in records:
+        for index, row in zip(rec["samples"], rec["rows"], strict=True):
+            if rows.setdefault(index, row) != row:
+                raise AssertionError(f"step {step}: sample {index} read as rows {rows[index]} and {row}")
         seen = samples.setdefault(rec["dp_rank"], rec["samples"])
         if seen != rec["samples"]:
             raise AssertionError(
@@ -210,7 +224,7 @@ def read_step(out_dir: Path, step: int) -> StepGradients:
                 [replica_diff, *(_relative(by_tp[t][0]["grad"], by_tp[0][0]["grad"]) for t in by_tp)]
             )
         full[name] = _merge_tp(name, [by_tp[t][0] for t in range(tp_size)])
-    return StepGradients(full, samples, replica_diff)
+    return StepGradients(full, samples, replica_diff, rows)
 
 
 def _train(argv: list[str]) -> None:
