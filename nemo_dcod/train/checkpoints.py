@@ -12,10 +12,12 @@ detected at all. Here a NeMo 2 checkpoint ``<ckpt>/{context,weights}`` counts as
   long as the last byte range stored in it.
 
 Incomplete folders are skipped with a warning that names what is missing; the newest complete one
-(by global step in the folder name, then modification time) is used. Each rank looks before NeMo
-starts (no process group exists yet); once it does, every rank takes global rank 0's choice
-(:class:`~nemo_dcod.train.callbacks.ResumeAsRankZero`), so ranks that see the file system in
-different states still restore the same checkpoint.
+(by global step in the folder name, then modification time) is used. Symbolic links are passed
+over: ``train`` saves each step once and makes ``*-last`` a link to that step's folder
+(``save_last="link"``), so the folder itself is the one chosen, whatever order the directory
+lists. Each rank looks before NeMo starts (no process group exists yet); once it does, every rank
+takes global rank 0's choice (:class:`~nemo_dcod.train.callbacks.ResumeAsRankZero`), so ranks that
+see the file system in different states still restore the same checkpoint.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def newest_complete_checkpoint(
     if not directory.is_dir():
         return None
     check = problem_of or checkpoint_problem
-    candidates = sorted((p for p in directory.iterdir() if p.is_dir()), key=_order, reverse=True)
+    folders = (p for p in directory.iterdir() if p.is_dir() and not p.is_symlink())
+    candidates = sorted(folders, key=_order, reverse=True)
     for path in candidates:
         problem = check(path)
         if problem is None:

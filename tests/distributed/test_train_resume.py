@@ -358,34 +358,35 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int,
     return run_dir, metrics
 
 
-KILL_IN_STEP_4_LAST = "TrainHooks(callbacks=(KillMidCheckpointWrite(save=4),))"
+KILL_IN_STEP_6 = "TrainHooks(callbacks=(KillMidCheckpointWrite(save=3),))"
 
 
 @pytest.fixture(scope="module")
 def killed_mid_write(
     reference: tuple[Path, dict[int, dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, Path]:
-    """A run whose every rank is SIGKILLed in the middle of writing its 4th checkpoint folder, the
-    ``-last`` copy of step 4 (saves: step 2, step 2 ``-last``, step 4, step 4 ``-last``), right
-    after the rank's shard files are written: (run dir, a copy made before any relaunch).
+    """A run whose every rank is SIGKILLed in the middle of writing its 3rd checkpoint folder,
+    step 6's (each step is saved once; ``*-last`` is a link to the step's folder), right after the
+    rank's shard files are written: (run dir, a copy made before any relaunch).
 
-    That folder is the one a resume would prefer (the same step as step 4's top-k folder, newer).
+    That folder is the one a resume would prefer (the newest step).
     """
     del reference  # only its order: the kill must not compete with the reference run for the cores
     base = tmp_path_factory.mktemp("killed")
     run_dir = base / "run"
-    launch = Launch(run_dir, hooks=KILL_IN_STEP_4_LAST)
+    launch = Launch(run_dir, hooks=KILL_IN_STEP_6)
     try:
         rc = launch.wait()
     finally:
         launch.kill()
     assert rc == -signal.SIGKILL, (rc, launch.log[-3000:])  # killed, not finished
     assert launch.log.count("SIGKILLed mid checkpoint write") == 2, launch.log[-3000:]  # both ranks
-    cut = _checkpoint(run_dir, 4, last=True)
+    cut = _checkpoint(run_dir, 6)
     shards = sorted(p.name for p in (cut / "weights").glob("*.distcp"))
     assert shards and (cut / "weights" / "common.pt").is_file(), shards  # mid-write: data, no index
     assert not (cut / "weights" / ".metadata").exists() and not (cut / "weights" / "metadata.json").exists()
-    assert _complete(_checkpoint(run_dir, 4)) and not _checkpoint(run_dir, 6).exists()
+    assert _complete(_checkpoint(run_dir, 4)) and _complete(_checkpoint(run_dir, 2))
+    assert _checkpoint(run_dir, 4, last=True).resolve() == _checkpoint(run_dir, 4)  # the link, not a copy
     shutil.copytree(run_dir, base / "pristine", symlinks=True)
     return run_dir, base / "pristine"
 
@@ -444,7 +445,7 @@ def test_sigkill_mid_checkpoint_write_then_relaunch_matches_uninterrupted_run(
 ) -> None:
     run_dir = killed_mid_write[0]
     _assert_same_losses(run_dir, reference[1], range(1, 5))  # the baseline itself is deterministic
-    cut, step_4 = _checkpoint(run_dir, 4, last=True), _checkpoint(run_dir, 4)
+    cut, step_4 = _checkpoint(run_dir, 6), _checkpoint(run_dir, 4)
     problem = checkpoint_problem(cut)
     assert problem is not None and problem.startswith("unfinished marker"), problem
     marker = cut.parent / f"{cut.name}-unfinished"
