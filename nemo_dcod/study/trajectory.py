@@ -1,6 +1,7 @@
 """Where a student's skill and choice go during training, and where DisCorD's weight mass goes.
 
 ``python -m nemo_dcod.study.trajectory --report <summary.json> --labels sft discord_t05 --every 100``
+(``--set data.shuffle=false``: the same students retrained with a changed training setting)
 
 A study keeps each student's final checkpoint only. This tool retrains chosen students of a
 finished styles-task study exactly as the study trained them (their own ``config.yaml``: same
@@ -62,8 +63,9 @@ def token_classes(token_ids: list[int], style: str, num_ops: int, answer_marker:
     return classes
 
 
-def _retrain(run: dict[str, Any], every: int, out: Path) -> tuple[Path, list[Path]]:
-    """The student's training again, saving every ``every`` steps: (run dir, checkpoints by step)."""
+def _retrain(run: dict[str, Any], every: int, out: Path, overrides: list[str]) -> tuple[Path, list[Path]]:
+    """The student's training again (with ``overrides``), saving every ``every`` steps: (run dir,
+    checkpoints by step)."""
     from nemo_dcod.config import load_config
     from nemo_dcod.study.launch import train_run
     from nemo_dcod.train.config import TrainConfig
@@ -160,6 +162,7 @@ def trajectory_of(
     num_problems: int,
     num_traces: int,
     out: Path,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Retrain one student (seed ``seed``) saving every ``every`` steps and measure each checkpoint."""
     import yaml
@@ -168,7 +171,7 @@ def trajectory_of(
     from nemo_dcod.study.student import _export, _verify_prompts
     from nemo_dcod.study.tasks import make_task
 
-    train_dir, checkpoints = _retrain(run, every, out)
+    train_dir, checkpoints = _retrain(run, every, out, list(overrides or []))
     cfg = yaml.safe_load((Path(run["paths"]["train_dir"]) / "config.yaml").read_text())
     prep = json.loads((Path(cfg["data"]["path"]).parent / "prep.json").read_text())
     records = [json.loads(x) for x in Path(prep["traces"]).read_text().splitlines()]
@@ -203,7 +206,13 @@ def trajectory_of(
             f"forced stepwise {point['forced_stepwise_percent']:.0f}%",
             flush=True,
         )
-    return {"label": label, "seed": seed, "reproduces_study": same, "points": points}
+    return {
+        "label": label,
+        "seed": seed,
+        "overrides": list(overrides or []),
+        "reproduces_study": same,
+        "points": points,
+    }
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -220,8 +229,9 @@ def _markdown(results: list[dict[str, Any]], every: int) -> str:
     ]
     for res in results:
         lines += [
-            f"## {res['label']}, seed {res['seed']} (retraining reproduces the study's losses: "
-            f"{'yes' if res['reproduces_study'] else 'NO'})",
+            f"## {res['label']}, seed {res['seed']}"
+            + (f", with {' '.join(res['overrides'])}" if res["overrides"] else "")
+            + f" (the retraining's losses equal the study's: {'yes' if res['reproduces_study'] else 'no'})",
             "",
             "| step | λ | loss | ESS | shortcut chosen % | forced stepwise % | stepwise result: "
             "mass / tokens, lq | shortcut result: mass / tokens, lq | style: mass / tokens |",
@@ -262,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", type=int, default=100, help="held-out problems for choice and skill")
     parser.add_argument("--traces", type=int, default=300, help="filtered teacher traces for the weights")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="train overrides key=value (e.g. data.shuffle=false)"
+    )
     args = parser.parse_args(argv)
     summary = json.loads(Path(args.report).read_text())
     task_cfg = TaskSection(**summary["config"]["task"])
