@@ -1,6 +1,6 @@
 """The verification bound of ``import`` / ``export`` (``nemo_dcod.convert.verify.compare_logits``).
 
-In fp32 scaled to the model: ``max(1e-4, 4 * eps32 * max|logit| * sqrt(layers * hidden))``, checked
+In fp32 scaled to the model: ``max(1e-4, 8 * eps32 * max|logit| * sqrt(layers * hidden))``, checked
 here against the real fp32 rounding of residual networks of growing depth and width (fp32 vs fp64:
 inside the bound with room, and a planted error outside it); in bf16 relative: the other side's
 error against the reference's fp32 logits within 4x (max) and 2x (mean) of the reference's own bf16
@@ -31,12 +31,12 @@ def _sides() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def test_fp32_bound_follows_logit_scale_depth_and_width() -> None:
     eps = torch.finfo(torch.float32).eps
     # The documented figures (config.py, verify.py) at logits up to 40.
-    assert fp32_tolerance(40.0, 30, 576) == pytest.approx(2.51e-3, rel=1e-2)  # SmolLM2-135M
-    assert fp32_tolerance(40.0, 32, 4096) == pytest.approx(6.91e-3, rel=1e-2)  # Llama-3.1-8B
-    assert fp32_tolerance(40.0, 80, 8192) == pytest.approx(1.54e-2, rel=1e-2)  # Llama-3.1-70B
+    assert fp32_tolerance(40.0, 30, 576) == pytest.approx(5.01e-3, rel=1e-2)  # SmolLM2-135M
+    assert fp32_tolerance(40.0, 32, 4096) == pytest.approx(1.38e-2, rel=1e-2)  # Llama-3.1-8B
+    assert fp32_tolerance(40.0, 80, 8192) == pytest.approx(3.09e-2, rel=1e-2)  # Llama-3.1-70B
     assert fp32_tolerance(40.0, 32, 4096) == pytest.approx(FP32_FACTOR * eps * 40.0 * (32 * 4096) ** 0.5)
     assert fp32_tolerance(80.0, 32, 4096) == pytest.approx(2 * fp32_tolerance(40.0, 32, 4096))
-    assert fp32_tolerance(8.0, 4, 64) == FP32_FLOOR == 1e-4  # tiny models: never below the old bound
+    assert fp32_tolerance(4.0, 4, 64) == FP32_FLOOR == 1e-4  # tiny models: never below the old bound
 
 
 def test_fp32_bound_is_applied_and_reported() -> None:
@@ -94,7 +94,8 @@ def _residual_logits(
 def test_fp32_rounding_stays_well_inside_the_bound(depth: int, width: int) -> None:
     """fp32 vs fp64 of the same network: the rounding the bound must allow, at several shapes. The
     ratio err / (eps32 * max|logit| * sqrt(depth * width)) measured here is 0.05-0.18 (on SmolLM2
-    0.09-0.29); FP32_FACTOR = 4 keeps it >= 10x inside, and a swapped gate/up fails by far."""
+    0.09-0.29 against fp64, 0.45 between two fp32 sides); FP32_FACTOR = 8 keeps it >= 10x inside,
+    and a swapped gate/up fails by far."""
     exact = _residual_logits(depth, width, torch.float64)
     fp32 = _residual_logits(depth, width, torch.float32)
     ok = compare_logits(exact, fp32, torch.float32, None, model_shape=(depth, width))
