@@ -49,7 +49,6 @@ __all__ = [
     "SamplingParams",
     "TransformersGenerator",
     "VLLMGenerator",
-    "completion_from_vllm",
     "encode_prompts",
     "finish_completion",
     "load_tokenizer",
@@ -170,40 +169,6 @@ def finish_completion(
     lps = None if logprobs is None else tuple(float(x) for x in logprobs[: len(kept)])
     finish: Literal["stop", "length"] = "stop" if reason == "stop" else "length"
     return Completion(text, len(kept), finish, tuple(int(t) for t in kept), lps, stop_id, stop_lp)
-
-
-def completion_from_vllm(
-    output: Any,
-    params: SamplingParams,
-    stop_ids: Sequence[int],
-    decode: Callable[[list[int]], str],
-    text_decode: Callable[[list[int]], str] | None = None,
-) -> Completion:
-    """A :class:`Completion` from one of vLLM's ``CompletionOutput`` (``token_ids``; ``logprobs``:
-    per generated token a dict id -> ``Logprob`` holding at least the sampled id).
-
-    vLLM keeps the token that stopped a request (an end-of-sequence id of the model, or one of
-    ``stop_token_ids``) as the last of ``token_ids``, with its log-prob: :func:`finish_completion`
-    moves it to ``stop_token_id`` / ``stop_logprob``, as for the transformers back end.
-
-    Raises:
-        RuntimeError: log-probs were asked for and vLLM returned none, or none for a sampled id.
-    """
-    ids = [int(t) for t in output.token_ids]
-    lps = None
-    if params.logprobs:
-        steps = output.logprobs
-        if steps is None or len(steps) != len(ids):
-            raise RuntimeError(
-                f"vLLM returned {'no' if steps is None else len(steps)} log-prob entries for "
-                f"{len(ids)} generated tokens although SamplingParams(logprobs=0) asked for them"
-            )
-        lps = []
-        for t, (step, token) in enumerate(zip(steps, ids, strict=True)):
-            if token not in step:
-                raise RuntimeError(f"vLLM's log-probs of generated token {t} lack its sampled id {token}")
-            lps.append(float(step[token].logprob))
-    return finish_completion(ids, lps, stop_ids, params.stop, decode, text_decode)
 
 
 def _stop_string_criterion(stop: Sequence[str], width: int, decode: Callable[[list[int]], str]) -> Any:
@@ -567,6 +532,8 @@ class VLLMGenerator:
     ) -> list[list[Completion]]:
         """``params.num_samples`` completions for each prompt, in prompt order."""
         from vllm import SamplingParams as VLLMSamplingParams
+
+        from nemo_dcod.eval.vllm_outputs import completion_from_vllm
 
         sampling = VLLMSamplingParams(
             n=params.num_samples,

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from nemo_dcod.config import load_config
-from nemo_dcod.eval.generation import SamplingParams, completion_from_vllm
+from nemo_dcod.eval.generation import SamplingParams
+from nemo_dcod.eval.vllm_outputs import completion_from_vllm
 from nemo_dcod.generate.config import GenerateConfig
 
 END = 2  # </s>: what the template writes after a turn
