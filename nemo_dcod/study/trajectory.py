@@ -288,10 +288,20 @@ def main(argv: list[str] | None = None) -> int:
             seed = int(seed_text)
             if args.seeds and seed not in args.seeds:
                 continue
-            where = Path(run["paths"]["train_dir"]).parent / "trajectory"
+            suffix = "-".join(x.replace("=", "_") for x in args.set)
+            where = Path(run["paths"]["train_dir"]).parent / ("trajectory" + (f"-{suffix}" if suffix else ""))
             results.append(
                 trajectory_of(
-                    run, label, section, seed, task_cfg, args.every, args.problems, args.traces, where
+                    run,
+                    label,
+                    section,
+                    seed,
+                    task_cfg,
+                    args.every,
+                    args.problems,
+                    args.traces,
+                    where,
+                    args.set,
                 )
             )
             out.mkdir(parents=True, exist_ok=True)
