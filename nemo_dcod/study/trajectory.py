@@ -79,6 +79,7 @@ def _retrain(run: dict[str, Any], every: int, out: Path, overrides: list[str]) -
             f"trainer.ckpt_every_n_steps={every}",
             "trainer.save_top_k=-1",
             "resume=false",
+            *overrides,
         ],
     )
     if not (train_dir / "metrics.jsonl").is_file() or not list((train_dir / "checkpoints").glob("*-last")):
