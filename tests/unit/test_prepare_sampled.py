@@ -153,6 +153,13 @@ def test_a_vocabulary_other_than_the_teachers_is_refused(bpe: str, tok: Any, tmp
         run_prepare(cfg, quiet=True)
     cfg = _cfg(bpe, tmp_path / "c", records, teacher_tokenizer=bpe)
     assert run_prepare(cfg, quiet=True)["stop_logprobs"] == 1
+    # The dry run refuses it too (before a job is queued).
+    from nemo_dcod.config import ConfigError
+    from nemo_dcod.data.dry_run import dry_run_prepare
+
+    cfg = _cfg(bpe, tmp_path / "d", records, teacher_tokenizer=other)
+    with pytest.raises(ConfigError, match="would mean other tokens"):
+        dry_run_prepare(cfg)
     # The fingerprint vouches for token ids: it needs them mapped.
     bad = PrepareConfig(inputs=["x"], tokenizer=bpe, teacher_tokenizer_fingerprint="0" * 64)
     bad.fields.teacher_logprobs = "lps"
