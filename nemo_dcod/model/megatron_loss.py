@@ -82,6 +82,62 @@ def megatron_metrics(loss_sum: Tensor, num_tokens: Tensor, metrics: dict[str, Te
     return out
 
 
+def _groups(
+    loss: TokenLoss, tp_group: ProcessGroup | None, dp_group: ProcessGroup | None, cp_size: int | None
+) -> tuple[ProcessGroup | None, ProcessGroup | None]:
+    """The TP and DP x CP groups (Megatron's ``parallel_state`` for those not given); refuses a
+    whole-document loss under context parallelism."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        if dp_group is None:
+            dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        if cp_size is None:
+            cp_size = parallel_state.get_context_parallel_world_size()
+    if (cp_size or 1) > 1 and loss.requirements.whole_documents:
+        raise ValueError(
+            f"{type(loss).__name__}: forms Δ over whole documents, which context parallelism "
+            f"(size {cp_size}) splits over ranks. Use DisCorD's token variant (or a top-k loss) with "
+            "context parallelism, or train this loss with context_parallel_size=1."
+        )
+    return tp_group, dp_group
+
+
+def _context(
+    loss: TokenLoss,
+    step: int,
+    total_steps: int,
+    dp_group: ProcessGroup | None,
+    stats: WeightStats | None,
+    carry: CarriedStats | None,
+    training: bool,
+    validate: bool,
+) -> LossContext:
+    """The micro-batch's :class:`LossContext`; with carried statistics, the previous step's (a new
+    ``step`` first ends the one whose Δ ``carry`` holds)."""
+    carried = getattr(loss, "stats", None) == "previous_step" and stats is None
+    if carried and carry is None:
+        raise ValueError(
+            f"{type(loss).__name__} has stats='previous_step' (the default): pass carry=CarriedStats() "
+            "(from nemo_dcod.losses.carry; one object for the whole run, kept across steps) so the "
+            "previous step's global statistics weigh this one, or build the loss with "
+            "stats='micro_batch', or pass this step's statistics as stats=... from a pre-pass."
+        )
+    if carried and carry is not None and training and carry.step is not None and carry.step != step:
+        carry.end_step(loss, dp_group)  # DisCorD: measures the ended step from its Δ
+    return LossContext(
+        step=step,
+        total_steps=total_steps,
+        dp_group=dp_group,
+        stats=carry.stats if carried and carry is not None else stats,
+        stats_pending=carried and carry is not None and not carry.ready,
+        validate=validate,
+        carry=carry if carried and training else None,
+    )
+
+
 def make_loss_func(
     loss: TokenLoss,
     batch: TraceBatch,
@@ -131,40 +187,8 @@ def make_loss_func(
         (not divided: ``calculate_per_token_loss=True``), their count as an int32 scalar, and the
         logging dict of :func:`megatron_metrics`.
     """
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        if tp_group is None:
-            tp_group = parallel_state.get_tensor_model_parallel_group()
-        if dp_group is None:
-            dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        if cp_size is None:
-            cp_size = parallel_state.get_context_parallel_world_size()
-    if (cp_size or 1) > 1 and loss.requirements.whole_documents:
-        raise ValueError(
-            f"{type(loss).__name__}: forms Δ over whole documents, which context parallelism "
-            f"(size {cp_size}) splits over ranks. Use DisCorD's token variant (or a top-k loss) with "
-            "context parallelism, or train this loss with context_parallel_size=1."
-        )
-    carried = getattr(loss, "stats", None) == "previous_step" and stats is None
-    if carried and carry is None:
-        raise ValueError(
-            f"{type(loss).__name__} has stats='previous_step' (the default): pass carry=CarriedStats() "
-            "(from nemo_dcod.losses.carry; one object for the whole run, kept across steps) so the "
-            "previous step's global statistics weigh this one, or build the loss with "
-            "stats='micro_batch', or pass this step's statistics as stats=... from a pre-pass."
-        )
-    if carried and carry is not None and training and carry.step is not None and carry.step != step:
-        carry.end_step(loss, dp_group)  # DisCorD: measures the ended step from its Δ
-    ctx = LossContext(
-        step=step,
-        total_steps=total_steps,
-        dp_group=dp_group,
-        stats=carry.stats if carried and carry is not None else stats,
-        stats_pending=carried and carry is not None and not carry.ready,
-        validate=validate,
-        carry=carry if carried and training else None,
-    )
+    tp_group, dp_group = _groups(loss, tp_group, dp_group, cp_size)
+    ctx = _context(loss, step, total_steps, dp_group, stats, carry, training, validate)
 
     def loss_func(output_tensor: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         loss_sum, num_tokens, metrics = loss_from_logits(
