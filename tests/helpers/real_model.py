@@ -42,6 +42,9 @@ VOCAB = 49152
 TENSOR_PARALLEL = 3
 """The TP size tests shard it with: it divides 9 heads and 3 KV heads (2 does not)."""
 
+FIXTURE_VERSION = "v2"
+"""Part of the cache key: bumped when :func:`convert_gguf` changes what it writes (v2: the GGUF's own
+end-of-sequence token and add_bos_token)."""
 DONE = "conversion_done.json"
 """Written last into a finished folder: its presence means the folder is complete."""
 
@@ -89,12 +92,32 @@ def gguf_path() -> Path:
     return path
 
 
+def _gguf_scalar(reader: Any, name: str) -> Any:
+    field = reader.fields.get(name)
+    return None if field is None or not field.data else field.parts[field.data[0]].tolist()[0]
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantise ``gguf`` into an fp32 Hugging Face folder ``out_dir`` (created; must not exist)."""
+    """Dequantise ``gguf`` into an fp32 Hugging Face folder ``out_dir`` (created; must not exist).
+
+    transformers 4.57's GGUF tokenizer conversion gets two of the file's own settings wrong for this
+    GPT-2-style BPE: it sets the end-of-sequence token to ``<|im_start|>`` (the file says id 2,
+    ``<|im_end|>``) and adds a BOS to every encoding (the file says ``add_bos_token: false``). Both
+    are set back from the GGUF metadata, as the released model has them (``config.json`` and
+    ``generation_config.json`` already say eos 2).
+    """
     import torch
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    reader = GGUFReader(gguf)
+    tokenizer.add_bos_token = bool(_gguf_scalar(reader, "tokenizer.ggml.add_bos_token"))
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(_gguf_scalar(reader, "tokenizer.ggml.eos_token_id"))
+    pad = _gguf_scalar(reader, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    del reader
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -110,7 +133,7 @@ def cached_model_dir(cache_root: Path) -> Path:
 
     version = importlib.metadata.version(PACKAGE)
     gguf = gguf_path()
-    key = f"smollm2-135m-instruct-{version}-transformers{transformers.__version__}"
+    key = f"smollm2-135m-instruct-{version}-transformers{transformers.__version__}-{FIXTURE_VERSION}"
     cache_root.mkdir(parents=True, exist_ok=True)
     final = cache_root / key
     with open(cache_root / f"{key}.lock", "w") as lock:
