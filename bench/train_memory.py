@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -76,6 +75,19 @@ def _watch(root_pid: int, peaks: dict[int, int], stop: threading.Event) -> None:
         time.sleep(0.1)
 
 
+def _estimate_bytes(overrides: list[str]) -> float:
+    """The dry run's estimate (``train/memory.py``) in bytes, as the dry run computes it."""
+    from nemo_dcod.config import load_config
+    from nemo_dcod.train.config import TrainConfig
+    from nemo_dcod.train.memory import train_estimate
+    from nemo_dcod.train.run import gpt_config_of, store_layout
+
+    cfg = load_config(TrainConfig, None, overrides)
+    layout = store_layout(cfg, False)
+    gpt_config = gpt_config_of(cfg, seq_length=layout.row_length, use_te=False)
+    return float(train_estimate(cfg, gpt_config, layout.attention, False).total)
+
+
 def main() -> None:
     from helpers.real_model import load_real_model
 
@@ -118,9 +130,7 @@ def main() -> None:
     line = next((ln for ln in dry.stdout.splitlines() if ln.startswith("memory estimate per GPU")), None)
     if dry.returncode != 0 or line is None:
         sys.exit(f"dry run failed:\n{dry.stdout[-2000:]}\n{dry.stderr[-4000:]}")
-    match = re.search(r": ([0-9.]+) GiB \[", line)
-    assert match is not None, line
-    estimate = float(match.group(1)) * 1024**3
+    estimate = _estimate_bytes(args[1:])  # the printed line rounds to 0.1 GiB
     base = int(
         subprocess.run(
             [sys.executable, "-c", BASE], env=env, capture_output=True, text=True, check=True
