@@ -49,7 +49,7 @@ class DemoConfig:
     """Where every artifact of the run goes; a previous demo run there is replaced."""
     seed: int = 0
     """Seeds problems, teacher samples, initialisation, data order and the exposure samplers."""
-    start: str = field(default="random", metadata={"choices": ("random", "warm")})
+    start: str = field(default="warm", metadata={"choices": ("random", "warm")})
     """Where both students start: random (the untrained initialisation) | warm (a short SFT on a
     textbook corpus of shorter chains first, so the students already have the stepwise skill and
     what differs is what the loss does with it; `nemo-dcod study`'s start.kind=warm)."""
@@ -94,7 +94,7 @@ class DemoConfig:
     students: list[dict[str, Any]] = field(
         default_factory=lambda: [
             {"name": "sft"},
-            {"name": "discord", "tau": 1.0, "lambda_warmup_fraction": 0.4, "lambda_ramp_fraction": 0.2},
+            {"name": "discord", "tau": 0.25, "lambda_warmup_fraction": 0.4, "lambda_ramp_fraction": 0.2},
         ],
         metadata=LOSS_SECTION,
     )
