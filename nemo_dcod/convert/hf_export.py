@@ -47,6 +47,7 @@ from nemo_dcod.convert.config import ExportConfig
 from nemo_dcod.convert.coverage import Coverage, megatron_module, nemo_source, parameter_storage
 from nemo_dcod.convert.hf_import import InputError, end_distributed
 from nemo_dcod.convert.staging import refuse_existing, staged_directory
+from nemo_dcod.parallel.threads import set_cpu_threads
 
 __all__ = ["family_of_nemo", "plain_nemo_model", "run_export", "write_nemo_checkpoint"]
 
@@ -340,7 +341,6 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
     from nemo_dcod.convert.verify import compare_hf_nemo, compare_nemo_nemo
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
-    from nemo_dcod.parallel.threads import set_cpu_threads
 
     checkpoint = Path(cfg.checkpoint).expanduser().resolve()
     export_dtype = _DTYPES[cfg.dtype]

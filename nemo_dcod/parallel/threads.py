@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 __all__ = ["available_cores", "local_ranks", "set_cpu_threads"]
 
 
@@ -45,6 +43,8 @@ def set_cpu_threads(ranks_here: int = 1) -> int | None:
         The thread count set; None when nothing was changed (a GPU machine, or ``OMP_NUM_THREADS``
         set by the user).
     """
+    import torch
+
     if torch.cuda.is_available() or os.environ.get("OMP_NUM_THREADS"):
         return None
     threads = max(1, available_cores() // max(1, ranks_here))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from nemo_dcod.data.store import PackedStore
+from nemo_dcod.parallel.threads import local_ranks, set_cpu_threads
 from nemo_dcod.score.columns import WriteHook, shard_done, write_shard_columns
 from nemo_dcod.score.plan import ROW_INPUTS, ScoreError, ScorePlan
 
@@ -129,8 +130,8 @@ def score_rank(rank: int, world: int, plan: ScorePlan, on_write: WriteHook | Non
     """One rank's share of the run (every rank of the job calls it; a process group exists).
 
     Args:
-        rank, world: as :func:`~nemo_dcod.parallel.launch.run_local` passes them (unused: the
-            process group tells).
+        rank, world: as :func:`~nemo_dcod.parallel.launch.run_local` passes them (the process
+            group tells the rank; the world sizes this rank's share of the CPU threads).
         plan: from :func:`~nemo_dcod.score.plan.plan_scoring`.
         on_write: see :mod:`nemo_dcod.score.columns` (tests).
 
@@ -144,9 +145,7 @@ def score_rank(rank: int, world: int, plan: ScorePlan, on_write: WriteHook | Non
 
     from nemo_dcod.model.loading import load_nemo_model, megatron_parallel
     from nemo_dcod.parallel.cpu_mode import enable_cpu_mode
-    from nemo_dcod.parallel.threads import local_ranks, set_cpu_threads
 
-    del rank
     enable_cpu_mode()
     set_cpu_threads(local_ranks(world))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "checkpoint": None}[plan.dtype]
