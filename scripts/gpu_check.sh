@@ -114,7 +114,8 @@ source scripts/gpu_install.sh
 export -f install_wheels
 # TORCH_CUDA_ARCH_LIST: megatron-core builds a CUDA extension at import (inference.unified_memory);
 # for Hopper alone, not every arch this torch knows.
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# TORCH_EXTENSIONS_DIR: built once per run, in the work dir (a fresh machine has no other anyway).
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} TORCH_EXTENSIONS_DIR=$work/torch_extensions
 if ! step install install_wheels "$python" "$wheel_dir" "$work/site"; then
   echo "install failed: see logs.tar.gz (logs/install.log)"
   finish
