@@ -90,7 +90,8 @@ step() {
 }
 
 finish() {
-  echo "=== summary ($(( $(date +%s) - t0 )) s of ${budget} s)" | tee -a "$summary"
+  echo "total: $(( $(date +%s) - t0 )) s of ${budget} s" >> "$summary"
+  echo "=== summary"
   cat "$summary"
   [ -d "$work/train_1b" ] && find "$work/train_1b" -maxdepth 3 -name 'metrics.jsonl' -exec cp {} "$logs/train_1b_metrics.jsonl" \; 2>/dev/null
   tar -C "$work" -czf "$out/logs.tar.gz" logs
