@@ -37,20 +37,32 @@ def test_gpu_check_install_and_cpu_steps_pass_on_the_simulated_image(tmp_path: P
     cached, why = _cached()
     if not cached:
         pytest.skip(f"the GPU image's simulation is not cached here: {why}")
-    env = {**os.environ, "GPU_SIM_WORK": str(tmp_path / "work"), "GPU_SIM_TAIL": "3"}
+    work = tmp_path / "work"
+    env = {**os.environ, "GPU_SIM_WORK": str(work), "GPU_SIM_TAIL": "3"}
     proc = subprocess.run(
         ["bash", str(SCRIPT)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and out.rstrip().endswith("gpu_sim: PASS"), out[-6000:]
-    for expected in (
-        "install_wheels: replacing lightning 2.6.6 -> 2.4.0",
-        "install_wheels: import llm.train: ok",
-        "np_product_probe: ok",
-        "FAILED: AttributeError: module 'numpy' has no attribute 'product'",  # without the shim
-        "train_dp2: rc=0",
-    ):
-        assert expected in out, f"{expected!r} not in:\n{out[-6000:]}"
+    # Each step's whole log is kept in GPU_SIM_WORK (the output has only their last lines).
+    expected = {
+        "install.log": [
+            "install_wheels: replacing lightning 2.6.6 -> 2.4.0",
+            "install_wheels: import llm.train: ok",
+            f"install_wheels: lightning 2.4.0 from {(work / 'site').resolve()}",
+        ],
+        "numpy2.log": [
+            "numpy 2.5.2, np.product present",  # the image's numpy, after the shim
+            "np_product_probe: ok",
+            "np_product_dp2: ok",
+            "FAILED: AttributeError: module 'numpy' has no attribute 'product'",  # without the shim
+        ],
+        "summary.txt": [f"{name}: rc=0" for name in ("prepare", "train_tp1", "score_tp1", "train_dp2")],
+    }
+    for name, lines in expected.items():
+        text = (work / name).read_text()
+        for line in lines:
+            assert line in text, f"{line!r} not in {name}:\n{text[-4000:]}"
 
 
 def test_dp2_fully_parallel_checkpoint_save_without_np_product(tmp_path: Path) -> None:
