@@ -6,9 +6,9 @@ outside the repo (``~/.cache/nemo_dcod/gpu_sim``, keyed by the hashes of scripts
 and scripts/gpu_wheels.sh): it runs where they are cached and is skipped, with the command that
 makes them, where not (``bash scripts/gpu_sim.sh --build-only``, ~3 min, PyPI). Its steps: the
 install, numpy 2's np.product sites and a DP=2 fully parallel checkpoint save, prepare, train at
-TP=1 with checkpoints, score, train at DP=2. Measured 2026-12-08 on the 2 shared cores: 438 s
-while other agents' runs held the load at ~18 (the install 157 s, numpy2 184 s; prepare 3 s,
-train 31 s, score 20 s, train at DP=2 43 s once the load fell); not yet timed on an idle machine.
+TP=1 with checkpoints, score, train at DP=2. Measured 2026-12-08 on the 2 shared cores: 218 s
+at a load average of ~4-9 (install 68 s, numpy2 65 s, prepare 2 s, train 23 s, score 23 s, train
+at DP=2 34 s); 499 s at ~15-18 (other agents' runs), hence the 600 s limit.
 """
 
 from __future__ import annotations
