@@ -10,7 +10,8 @@ with ``torch_dtype=bfloat16`` (``tests/helpers/hf_tiny.py``, every norm and bias
   of ``nemo_dcod.convert.config.LOW_PRECISION_FACTORS``); plus a 16-layer bf16 Llama whose correct
   conversion differs by more than 1.0 in bf16 (the old fixed bf16 tolerance refused it);
 * ``nemo-dcod train`` 2 steps in fp32 from each import (the bf16 weights widened on load), SFT on a
-  prepared store: step 1's loss equals transformers' on the same rows, weights upcast to fp32;
+  prepared store: step 1's loss equals transformers' on the same rows (the first global batch of the
+  run's shuffled order), weights upcast to fp32;
 * ``nemo-dcod export``: the import back to HF is bit-identical per tensor, bf16, config.json says
   bfloat16, and transformers loads it; the trained checkpoint exported as fp32 matches its logits
   (<= 1e-4) and exported with ``dtype=bf16`` holds exactly those fp32 tensors rounded to nearest
@@ -305,24 +306,40 @@ def test_wrong_conversion_fails_bf16_verification(nemo_side: dict[str, Any]) -> 
     assert ref["mean_abs_logit_diff"] > 5 * ref["reference_own_mean"], wrong
 
 
-def _store_sft_loss(hf: Path, store: Path) -> float:
-    """Mean -log p (fp32, bf16 weights upcast) over the loss tokens of the first global batch's rows,
-    each packed document run alone (its own positions and causal mask)."""
+def _first_batch_rows(run: Path, num_rows: int) -> list[int]:
+    """The store rows of the run's first global batch, in its data order (``data.shuffle`` draws
+    them from the run's seed; the resolved config says which)."""
+    import yaml
+
+    from nemo_dcod.data.module import EpochRows, split_rows
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    seed = cfg["seed"] if cfg["data"]["shuffle"] else None
+    train_rows, _ = split_rows(num_rows, 0, seed)
+    order = EpochRows([], train_rows, GLOBAL_BATCH, seed)  # type: ignore[arg-type]  # rows only
+    return [order.row(i) for i in range(GLOBAL_BATCH)]
+
+
+def _store_sft_loss(hf: Path, store: Path, run: Path) -> float:
+    """Mean -log p (fp32, bf16 weights upcast) over the loss tokens of the first global batch's rows
+    (as the run ordered them), each packed document run alone (its own positions and causal mask)."""
     from transformers import AutoModelForCausalLM
 
     shard = sorted((store / "shards").iterdir())[0]
     tokens, mask = np.load(shard / "tokens.npy"), np.load(shard / "loss_mask.npy").astype(np.float64)
+    assert len(sorted((store / "shards").iterdir())) == 1, "one shard: its rows are the store's"
+    rows = _first_batch_rows(run, len(tokens))
     model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
     logprobs = np.zeros(tokens.shape, dtype=np.float64)
     for row, start, length, _ in np.load(shard / "documents.npy"):
-        if row >= GLOBAL_BATCH:
+        if row not in rows:
             continue
         ids = torch.from_numpy(tokens[row, start : start + length].astype(np.int64))[None]
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
         logprobs[row, start : start + length - 1] = lp.gather(-1, ids[0, 1:, None])[:, 0].numpy()
-    loss_mask = mask[:GLOBAL_BATCH]
-    return float(-(logprobs[:GLOBAL_BATCH] * loss_mask).sum() / loss_mask.sum())
+    # A row served twice in the batch (a store smaller than the batch) counts twice, as in training.
+    return float(-sum((logprobs[r] * mask[r]).sum() for r in rows) / sum(mask[r].sum() for r in rows))
 
 
 def test_training_in_fp32_starts_from_the_bf16_weights(chain: Chain, nemo_side: dict[str, Any]) -> None:
@@ -334,7 +351,7 @@ def test_training_in_fp32_starts_from_the_bf16_weights(chain: Chain, nemo_side: 
         assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records), fam
         # Step 1's loss is computed on the restored weights, before the first update.
         assert records[0]["loss"] == pytest.approx(
-            _store_sft_loss(chain[fam, "hf"], chain["store"]), rel=1e-5
+            _store_sft_loss(chain[fam, "hf"], chain["store"], chain[fam, "run"]), rel=1e-5
         ), fam
         model_class, params_dtype, _ = nemo_side[fam]
         assert (model_class, params_dtype) == ("DistillGPTModel", "torch.float32"), fam
