@@ -306,20 +306,6 @@ def test_wrong_conversion_fails_bf16_verification(nemo_side: dict[str, Any]) -> 
     assert ref["mean_abs_logit_diff"] > 5 * ref["reference_own_mean"], wrong
 
 
-def _first_batch_rows(run: Path, num_rows: int) -> list[int]:
-    """The store rows of the run's first global batch, in its data order (``data.shuffle`` draws
-    them from the run's seed; the resolved config says which)."""
-    import yaml
-
-    from nemo_dcod.data.module import EpochRows, split_rows
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    seed = cfg["seed"] if cfg["data"]["shuffle"] else None
-    train_rows, _ = split_rows(num_rows, 0, seed)
-    order = EpochRows([], train_rows, GLOBAL_BATCH, seed)  # type: ignore[arg-type]  # rows only
-    return [order.row(i) for i in range(GLOBAL_BATCH)]
-
-
 def _store_sft_loss(hf: Path, store: Path, run: Path) -> float:
     """Mean -log p (fp32, bf16 weights upcast) over the loss tokens of the first global batch's rows
     (as the run ordered them), each packed document run alone (its own positions and causal mask)."""
@@ -328,7 +314,9 @@ def _store_sft_loss(hf: Path, store: Path, run: Path) -> float:
     shard = sorted((store / "shards").iterdir())[0]
     tokens, mask = np.load(shard / "tokens.npy"), np.load(shard / "loss_mask.npy").astype(np.float64)
     assert len(sorted((store / "shards").iterdir())) == 1, "one shard: its rows are the store's"
-    rows = _first_batch_rows(run, len(tokens))
+    from helpers.data_order import first_batch_rows
+
+    rows = first_batch_rows(run, len(tokens))
     model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
     logprobs = np.zeros(tokens.shape, dtype=np.float64)
     for row, start, length, _ in np.load(shard / "documents.npy"):

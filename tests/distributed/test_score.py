@@ -321,7 +321,8 @@ def test_train_from_imported_qwen_with_unpadded_vocabulary(
     """The bug: data.vocab_size=256 at TP=2 padded to 256 rows; the checkpoint has 320.
 
     Step 1's SFT loss (on the restored weights, before the update) is the mean of -log p over the
-    loss tokens of store rows 0 and 1 (global batch 2): exactly what ``score`` stored for them, so
+    loss tokens of the first global batch's two rows (the run's shuffled order,
+    ``helpers.data_order``): exactly what ``score`` stored for them, so
     the imported weights were really restored, and train and score agree on the same model.
     """
     run = tmp_path / "run"
@@ -349,9 +350,13 @@ def test_train_from_imported_qwen_with_unpadded_vocabulary(
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
-    first = scored_tp1 / "shards" / "shard_00000"
-    logprobs = np.load(first / "teacher_logprobs.npy")[:2].astype(np.float64)
-    mask = np.load(first / "loss_mask.npy")[:2].astype(np.float64)
+    from helpers.data_order import first_batch_rows, store_rows
+
+    from nemo_dcod.data.store import PackedStore
+
+    rows = first_batch_rows(run, len(PackedStore(scored_tp1)))  # the run's shuffled first batch
+    logprobs = store_rows(scored_tp1, "teacher_logprobs", rows).astype(np.float64)
+    mask = store_rows(scored_tp1, "loss_mask", rows).astype(np.float64)
     assert records[0]["loss"] == pytest.approx(-(logprobs * mask).sum() / mask.sum(), rel=1e-5)
     (trained,) = sorted((run / "checkpoints").glob("*-last"))
     assert "vocab_size: 320" in (trained / "context" / "model.yaml").read_text()

@@ -15,6 +15,8 @@
   CPU, context parallelism included).
 * :mod:`helpers.faults`: hooks that SIGKILL a rank mid write, and the script
   ``python tests/helpers/faults.py train '<TrainHooks expression>' key=value ...``.
+* :mod:`helpers.data_order`: the store rows a finished run's first global batch held (the shuffled
+  data order rebuilt from its resolved config), and those rows' arrays across shards.
 * :mod:`helpers.grad_probe`: a callback recording each rank's reduced, unclipped gradient of every
   parameter by its global name, and ``read_step`` reassembling them to full tensors (the layout
   tests; also the script ``python tests/helpers/grad_probe.py <out_dir> <steps> key=value ...``).
