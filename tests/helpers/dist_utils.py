@@ -4,7 +4,8 @@ Each worker is forked (fast: torch is already imported, no CUDA exists to be for
 production launcher, :func:`nemo_dcod.parallel.launch.run_local`: it joins a ``gloo`` group over
 TCP on loopback, runs ``fn(rank, world_size, *args)`` with one thread, and sends its (picklable)
 result back. A failure or death of any rank fails the caller with that rank's traceback or exit
-code; a hang fails it after ``timeout`` seconds.
+code; a hang fails it after ``timeout`` seconds (420 by default: a module fixture that takes
+~40 s on an idle machine ran past 180 s beside other test runs on the 2 cores).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from nemo_dcod.parallel.launch import run_local
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0) -> list[Any]:
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 420.0) -> list[Any]:
     """``[fn(0, W, *args), ..., fn(W-1, W, *args)]``, each computed in its own forked gloo process
     with one thread (:func:`nemo_dcod.parallel.launch.run_local`)."""
     return run_local(fn, world_size, *args, timeout=timeout, start_method="fork", threads=1)
