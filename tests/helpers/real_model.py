@@ -23,6 +23,8 @@ import fcntl
 import importlib.metadata
 import json
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +146,15 @@ def cached_model_dir(cache_root: Path) -> Path:
         partial = cache_root / f"{key}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         start = time.monotonic()
-        convert_gguf(gguf, partial)
+        # In a child process: the conversion's torch and tokenizer thread pools must not live in
+        # the pytest process, whose later tests fork gloo ranks (a fork after a pool has run can
+        # leave the child waiting on a lock no thread will release).
+        script = (
+            "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]); "
+            "from helpers.real_model import convert_gguf; convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))"
+        )
+        tests_dir = str(Path(__file__).resolve().parents[1])
+        subprocess.run([sys.executable, "-c", script, str(gguf), str(partial), tests_dir], check=True)
         seconds = time.monotonic() - start
         (partial / DONE).write_text(
             json.dumps({"gguf": str(gguf), "package_version": version, "seconds": round(seconds, 1)})
