@@ -37,14 +37,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 TP = 3
 SEQ = 64
-TRACES = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Name a primary colour.", "Red is a primary colour."),
-    ("What is 2 + 3?", "2 + 3 = 5."),
-    ("Say hello in Spanish.", "Hola!"),
-    ("What do bees make?", "Bees make honey."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-]
 BASE = """
 import resource
 import nemo.collections.llm, transformers, megatron.core  # noqa: F401
@@ -89,7 +81,7 @@ def _estimate_bytes(overrides: list[str]) -> float:
 
 
 def main() -> None:
-    from helpers.real_model import load_real_model
+    from helpers.real_model import TRACES, load_real_model
 
     from nemo_dcod.data.config import PrepareConfig
     from nemo_dcod.data.prepare import run_prepare

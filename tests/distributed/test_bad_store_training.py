@@ -26,37 +26,35 @@ from helpers.trace_fixtures import prepare_store
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
+def _train(
+    command: list[str], run_dir: Path, store: Path, extra: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """One CPU process of ``command`` (train or faults.py train, with its config) on ``store``."""
+    vocab = json.loads((store / "manifest.json").read_text())["vocab_size"]
+    args = [f"run_dir={run_dir}", f"data.path={store}", f"data.vocab_size={vocab}", "trainer.devices=1"]
+    return subprocess.run(
+        [*command, *args, "parallel.tensor_model_parallel_size=1", *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+
+
 def test_nan_teacher_logprob_in_a_shard_stops_training_naming_shard_and_row(tmp_path: Path) -> None:
     store = Path(prepare_store(tmp_path, seq_length=128, vocab_size=209))
-    manifest = json.loads((store / "manifest.json").read_text())
     shard = store / "shards" / "shard_00000"
     lps, mask = np.load(shard / "teacher_logprobs.npy"), np.load(shard / "loss_mask.npy")
     position = int(np.flatnonzero(mask[1])[3])  # a trained position of row 1: in the first batch
     lps[1, position] = np.nan
     np.save(shard / "teacher_logprobs.npy", lps)
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nemo_dcod.cli",
-            "train",
-            "--config",
-            "conf/train_store_tiny.yaml",
-            f"run_dir={run_dir}",
-            f"data.path={store}",
-            f"data.vocab_size={manifest['vocab_size']}",
-            "trainer.devices=1",
-            "parallel.tensor_model_parallel_size=1",
-            "trainer.max_steps=2",
-            "optim.warmup_steps=1",
-            "trainer.val_check_interval=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    proc = _train(
+        [sys.executable, "-m", "nemo_dcod.cli", "train", "--config", "conf/train_store_tiny.yaml"],
+        run_dir,
+        store,
+        ["trainer.max_steps=2", "optim.warmup_steps=1", "trainer.val_check_interval=2"],
     )
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-4000:])
     expected = (
@@ -71,30 +69,14 @@ def test_nan_teacher_logprob_in_a_shard_stops_training_naming_shard_and_row(tmp_
 
 def test_nan_in_carried_statistics_stops_the_run_before_the_optimizer_step(tmp_path: Path) -> None:
     store = Path(prepare_store(tmp_path, seq_length=128, vocab_size=209))
-    manifest = json.loads((store / "manifest.json").read_text())
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "helpers" / "faults.py"),
-            "train",
-            "TrainHooks(callbacks=(PlantNonFiniteDelta(step=3),))",
-            "--config=conf/train_store_tiny.yaml",
-            f"run_dir={run_dir}",
-            f"data.path={store}",
-            f"data.vocab_size={manifest['vocab_size']}",
-            "trainer.devices=1",
-            "parallel.tensor_model_parallel_size=1",
-            "trainer.max_steps=5",
-            "trainer.ckpt_every_n_steps=100",
-            "optim.warmup_steps=1",
-            "loss.center=true",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    faults = [sys.executable, str(ROOT / "tests" / "helpers" / "faults.py"), "train"]
+    hooks = "TrainHooks(callbacks=(PlantNonFiniteDelta(step=3),))"
+    proc = _train(
+        [*faults, hooks, "--config=conf/train_store_tiny.yaml"],
+        run_dir,
+        store,
+        ["trainer.max_steps=5", "trainer.ckpt_every_n_steps=100", "optim.warmup_steps=1", "loss.center=true"],
     )
     assert proc.returncode != 0, proc.stderr[-4000:]
     assert "NaN Δ planted in step 3" in proc.stderr, proc.stderr[-4000:]

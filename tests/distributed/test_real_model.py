@@ -32,19 +32,11 @@ import pytest
 import torch
 import yaml
 from helpers.paths import ROOT
-from helpers.real_model import NUM_HEADS, NUM_KV_HEADS, NUM_LAYERS, TENSOR_PARALLEL, RealModel
+from helpers.real_model import NUM_HEADS, NUM_KV_HEADS, NUM_LAYERS, TENSOR_PARALLEL, TRACES, RealModel
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 SEQ = 64
-TRACES = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Name a primary colour.", "Red is a primary colour."),
-    ("What is 2 + 3?", "2 + 3 = 5."),
-    ("Say hello in Spanish.", "Hola!"),
-    ("What do bees make?", "Bees make honey."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-]
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:

