@@ -4,9 +4,11 @@
 (``--set data.shuffle=false``: the same students retrained with a changed training setting)
 
 A study keeps each student's final checkpoint only. This tool retrains chosen students of a
-finished styles-task study exactly as the study trained them (their own ``config.yaml``: same
-start, data order and seed; deterministic on one machine, which it checks against the study's
-per-step losses), saving every ``--every`` steps, and measures every checkpoint:
+finished study (the ``styles`` or the ``long_chain`` task) exactly as the study trained them (their
+own ``config.yaml``: same start, data order and seed; deterministic on one machine, which it checks
+against the study's per-step losses), saving every ``--every`` steps, and measures every checkpoint.
+
+On the **styles** task:
 
 * **choice**: the share of held-out problems whose greedy first response word is ``shortcut``;
 * **skill**: greedy accuracy with the first word forced to ``stepwise`` (:mod:`nemo_dcod.demo.skill`);
@@ -16,7 +18,22 @@ per-step losses), saving every ``--every`` steps, and measures every checkpoint:
   computed results, their copied operands, the shortcut's one computed result, the final answer,
   and the rest (operators, separators, end of turn). ``mass`` is the class's share of Σw,
   ``tokens`` its share of the tokens: mass above tokens means the weights favour the class.
-* the training log at that step: loss, λ, ESS of the weights.
+
+On the **long_chain** task (one style, ``num_ops`` stepwise lines ``a op b = r ;``):
+
+* **accuracy**: greedy (unforced) accuracy on held-out problems, and where the greedy solutions
+  go wrong, judged line by line on the student's *own* prefix (:func:`line_errors`): a wrong table
+  result, a wrongly carried operand, a wrongly copied prompt operand or operator, a broken layout;
+  per line, and the line of the first error;
+* **where the weight mass goes**, as above, per :data:`LONG_CHAIN_CLASSES`: results of the first
+  and the second half of the chain, the carried operand (the previous line's result written again),
+  what is copied from the prompt (the start value, each operator and operand), the final answer,
+  the rest; per line: the result's mean weight and log-prob; and how concentrated the weights are
+  (the share of tokens *starved*, weight < 0.1, i.e. almost no gradient, and their classes).
+
+Both: the training log at that step (loss, λ, ESS of the weights, capped fraction, Δ's mean and
+spread, the gradient norm) and, over the steps since the previous checkpoint, the mean loss and the
+largest gradient norm.
 
 Output: ``trajectory.json`` and ``trajectory.md`` in ``--out``; the last line is a ``RESULT``.
 """
@@ -29,10 +46,33 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLASSES", "main", "token_classes", "trajectory_of"]
+__all__ = [
+    "CLASSES",
+    "LONG_CHAIN_CLASSES",
+    "STARVED",
+    "line_errors",
+    "long_chain_classes",
+    "main",
+    "token_classes",
+    "trajectory_of",
+]
 
 CLASSES = ("style", "stepwise_result", "stepwise_copy", "shortcut_result", "answer", "other")
 """Token classes of a styles-task response (:func:`token_classes`)."""
+LONG_CHAIN_CLASSES = (
+    "style",
+    "result_early",
+    "result_late",
+    "carried_copy",
+    "prompt_copy",
+    "answer",
+    "other",
+)
+"""Token classes of a long-chain response (:func:`long_chain_classes`)."""
+STARVED = 0.1
+"""A token whose DisCorD weight is below this gets (almost) no gradient: it is *starved*."""
+LINE_ERRORS = ("table", "carry", "operand", "layout")
+"""What can be wrong in a line of a greedy solution (:func:`line_errors`)."""
 
 
 def token_classes(token_ids: list[int], style: str, num_ops: int, answer_marker: int) -> list[str]:
@@ -61,6 +101,83 @@ def token_classes(token_ids: list[int], style: str, num_ops: int, answer_marker:
         if after < len(token_ids):
             classes[after] = "answer"
     return classes
+
+
+def long_chain_classes(token_ids: list[int], num_ops: int, answer_marker: int) -> list[str]:
+    """The class of each response token of a long-chain (stepwise) trace.
+
+    Line i (0-based) is ``a op b = r ;`` at response positions 1 + 6i .. 6 + 6i: ``a`` is the start
+    value copied from the prompt on line 0 (``prompt_copy``) and the previous line's result carried
+    over afterwards (``carried_copy``); ``op`` and ``b`` are copied from the prompt; ``r`` is
+    ``result_early`` on the first ⌈num_ops/2⌉ lines, ``result_late`` after. The token after ``####``
+    is the ``answer``; position 0 (the style word) is ``style``; the rest is ``other``.
+    """
+    classes = ["other"] * len(token_ids)
+    if token_ids:
+        classes[0] = "style"
+    early = (num_ops + 1) // 2
+    for i in range(num_ops):
+        base = 1 + 6 * i
+        for pos, name in (
+            (base, "prompt_copy" if i == 0 else "carried_copy"),
+            (base + 1, "prompt_copy"),
+            (base + 2, "prompt_copy"),
+            (base + 4, "result_early" if i < early else "result_late"),
+        ):
+            if pos < len(token_ids):
+                classes[pos] = name
+    if answer_marker in token_ids:
+        after = token_ids.index(answer_marker) + 1
+        if after < len(token_ids):
+            classes[after] = "answer"
+    return classes
+
+
+def line_errors(words: list[str], problem: Any) -> list[str | None]:
+    """What is wrong in each line of a stepwise solution, judged on the solution's own prefix.
+
+    Args:
+        words: the response words after the style word (``a op b = r ; ... #### x``).
+        problem: the :class:`~nemo_dcod.demo.task.Problem` solved.
+
+    Returns:
+        One entry per operation of ``problem``: None (the line is right given what the solution
+        wrote before it), ``layout`` (missing or malformed line; every later line too), ``carry``
+        (``a`` is not the previous line's written result, or the start value on line 0), ``operand``
+        (``op`` or ``b`` differs from the prompt's), ``table`` (``r`` is not ``a op b`` of the
+        written ``a op b``). The first of these that applies is reported.
+    """
+    from nemo_dcod.demo.task import apply
+
+    out: list[str | None] = []
+    previous = str(problem.start)
+    broken = False
+    for i, (op, d) in enumerate(problem.ops):
+        line = words[6 * i : 6 * i + 5]
+        sep = words[6 * i + 5] if 6 * i + 5 < len(words) else None
+        want_sep = ";" if i + 1 < len(problem.ops) else "####"
+        if (
+            broken
+            or len(line) < 5
+            or line[3] != "="
+            or sep != want_sep
+            or not (line[0].isdigit() and line[2].isdigit() and line[4].isdigit())
+            or line[1] not in ("+", "-")
+        ):
+            broken = True
+            out.append("layout")
+            continue
+        a, o, b, r = int(line[0]), line[1], int(line[2]), int(line[4])
+        if line[0] != previous:
+            out.append("carry")
+        elif (o, b) != (op, d):
+            out.append("operand")
+        elif r != apply(a, o, b, problem.modulus):
+            out.append("table")
+        else:
+            out.append(None)
+        previous = line[4]
+    return out
 
 
 def _retrain(run: dict[str, Any], every: int, out: Path, overrides: list[str]) -> tuple[Path, list[Path]]:
@@ -95,31 +212,13 @@ def _retrain(run: dict[str, Any], every: int, out: Path, overrides: list[str]) -
     return train_dir, checkpoints
 
 
-def _measure_checkpoint(
-    hf: Path,
-    records: list[dict[str, Any]],
-    loss_section: dict[str, Any],
-    problems: list[Any],
-    num_ops: int,
-    max_new: int,
-) -> dict[str, Any]:
-    """Choice, forced-stepwise skill and per-class log-probs and weights of one exported checkpoint."""
+def _weights(hf: Path, records: list[dict[str, Any]], loss_section: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The student's log-probs on ``records`` and DisCorD's weights at λ = 1 (the label's τ, variant,
+    centring, clip, window), normalised over the records: (inputs, weights [n, T], mask [n, T])."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nemo_dcod.demo.skill import forced_style_accuracy
-    from nemo_dcod.eval.generation import encode_prompts
     from nemo_dcod.losses import build_loss
     from nemo_dcod.study.choice import _inputs
-
-    tokenizer = AutoTokenizer.from_pretrained(str(hf))
-    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
-    _, prompts = encode_prompts(tokenizer, [p.text for p in problems])
-    with torch.no_grad():
-        first = model(input_ids=torch.tensor(prompts)).logits[:, -1].argmax(-1)
-    shortcut_id = tokenizer.convert_tokens_to_ids("shortcut")
-    choice = 100.0 * float((first == shortcut_id).double().mean())
-    skill = 100.0 * forced_style_accuracy(model, tokenizer, problems, "stepwise", max_new)
 
     inputs = _inputs(hf, records)
     params = {k: v for k, v in loss_section.items() if k in ("tau", "variant", "center", "clip", "window")}
@@ -130,11 +229,19 @@ def _measure_checkpoint(
     b = float((delta * mask).sum() / n) if loss.center else 0.0
     g = torch.sigmoid((delta - b) / loss.tau)
     w = torch.where(mask, g / g[mask].mean(), torch.zeros_like(g))
-    marker = tokenizer.convert_tokens_to_ids("####")
-    per_class: dict[str, dict[str, float]] = {}
-    class_rows = [token_classes(r["token_ids"], r["style"], num_ops, marker) for r in records]
+    return inputs, w, mask
+
+
+def _class_stats(
+    class_rows: list[list[str]], names: tuple[str, ...], inputs: Any, w: Any, mask: Any
+) -> dict[str, dict[str, float]]:
+    """Per token class: its share of the tokens and of Σw, mean weight, mean log-probs, starved share."""
+    import torch
+
+    n = float(mask.sum())
     total_w = float(w[mask].sum())
-    for name in CLASSES:
+    per_class: dict[str, dict[str, float]] = {}
+    for name in names:
         sel = torch.zeros_like(mask)
         for i, row in enumerate(class_rows):
             for t, c in enumerate(row):
@@ -144,13 +251,148 @@ def _measure_checkpoint(
         if count == 0:
             continue
         per_class[name] = {
-            "tokens": count / float(n),
+            "tokens": count / n,
             "mass": float(w[sel].sum()) / total_w,
             "mean_weight": float(w[sel].mean()),
+            "starved": float((w[sel] < STARVED).double().mean()),
             "student_logprob": float(inputs.student_logprobs[sel].mean()),
             "teacher_logprob": float(inputs.teacher_logprobs[sel].mean()),
         }
+    return per_class
+
+
+def _measure_checkpoint(
+    hf: Path,
+    records: list[dict[str, Any]],
+    loss_section: dict[str, Any],
+    problems: list[Any],
+    num_ops: int,
+    max_new: int,
+) -> dict[str, Any]:
+    """Choice, forced-stepwise skill and per-class log-probs and weights of one exported checkpoint
+    (styles task)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_dcod.demo.skill import forced_style_accuracy
+    from nemo_dcod.eval.generation import encode_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf))
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    _, prompts = encode_prompts(tokenizer, [p.text for p in problems])
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor(prompts)).logits[:, -1].argmax(-1)
+    shortcut_id = tokenizer.convert_tokens_to_ids("shortcut")
+    choice = 100.0 * float((first == shortcut_id).double().mean())
+    skill = 100.0 * forced_style_accuracy(model, tokenizer, problems, "stepwise", max_new)
+
+    inputs, w, mask = _weights(hf, records, loss_section)
+    marker = tokenizer.convert_tokens_to_ids("####")
+    class_rows = [token_classes(r["token_ids"], r["style"], num_ops, marker) for r in records]
+    per_class = _class_stats(class_rows, CLASSES, inputs, w, mask)
     return {"shortcut_chosen_percent": choice, "forced_stepwise_percent": skill, "classes": per_class}
+
+
+def _greedy_words(model: Any, tokenizer: Any, problems: list[Any], max_new: int) -> list[list[str]]:
+    """Each problem's greedy (unforced) response as words."""
+    import torch
+
+    from nemo_dcod.eval.generation import encode_prompts
+
+    _, prompts = encode_prompts(tokenizer, [p.text for p in problems])
+    ids = torch.tensor(prompts, dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return [t.split() for t in texts]
+
+
+def _measure_long_chain(
+    hf: Path,
+    records: list[dict[str, Any]],
+    loss_section: dict[str, Any],
+    problems: list[Any],
+    num_ops: int,
+    max_new: int,
+) -> dict[str, Any]:
+    """Accuracy, where the greedy solutions go wrong, and where the weights go, of one exported
+    checkpoint (long-chain task)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf))
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    responses = _greedy_words(model, tokenizer, problems, max_new)
+    correct, stepwise = 0, 0
+    per_line = {kind: [0] * num_ops for kind in LINE_ERRORS}
+    first_error = [0] * (num_ops + 1)  # index num_ops: no error
+    for words, problem in zip(responses, problems, strict=True):
+        after = words[len(words) - words[::-1].index("####") :] if "####" in words else []
+        correct += bool(after) and after[0] == str(problem.answer())
+        stepwise += bool(words) and words[0] == "stepwise"
+        errors = line_errors(words[1:], problem)
+        for i, kind in enumerate(errors):
+            if kind is not None:
+                per_line[kind][i] += 1
+        first_error[next((i for i, e in enumerate(errors) if e is not None), num_ops)] += 1
+    n = len(problems)
+
+    inputs, w, mask = _weights(hf, records, loss_section)
+    marker = tokenizer.convert_tokens_to_ids("####")
+    class_rows = [long_chain_classes(r["token_ids"], num_ops, marker) for r in records]
+    per_class = _class_stats(class_rows, LONG_CHAIN_CLASSES, inputs, w, mask)
+    lines = []
+    for i in range(num_ops):
+        pos = 1 + 6 * i + 4
+        sel = mask[:, pos] if pos < mask.shape[1] else torch.zeros(mask.shape[0], dtype=torch.bool)
+        if not bool(sel.any()):
+            continue
+        lines.append(
+            {
+                "line": i + 1,
+                "mean_weight": float(w[sel, pos].mean()),
+                "starved": float((w[sel, pos] < STARVED).double().mean()),
+                "student_logprob": float(inputs.student_logprobs[sel, pos].mean()),
+            }
+        )
+    flat = w[mask]
+    top = max(1, int(0.01 * flat.numel()))
+    starved = flat < STARVED
+    starved_by_class: dict[str, float] = {}
+    if bool(starved.any()):
+        names = [
+            c
+            for row, m in zip(class_rows, mask, strict=True)
+            for c, keep in zip(row, m, strict=False)
+            if keep
+        ]
+        total = int(starved.sum())
+        for name in LONG_CHAIN_CLASSES:
+            hits = sum(1 for c, s in zip(names, starved.tolist(), strict=True) if s and c == name)
+            if hits:
+                starved_by_class[name] = hits / total
+    return {
+        "accuracy_percent": 100.0 * correct / n,
+        "stepwise_first_percent": 100.0 * stepwise / n,
+        "line_error_percent": {k: [100.0 * x / n for x in v] for k, v in per_line.items()},
+        "first_error_line_percent": [100.0 * x / n for x in first_error],
+        "classes": per_class,
+        "lines": lines,
+        "weights": {
+            "ess": float(flat.sum() ** 2 / (flat.numel() * (flat * flat).sum())),
+            "starved_percent": 100.0 * float(starved.double().mean()),
+            "top1_mass_percent": 100.0 * float(flat.topk(top).values.sum() / flat.sum()),
+            "max": float(flat.max()),
+            "starved_by_class": starved_by_class,
+        },
+    }
 
 
 def trajectory_of(
@@ -188,7 +430,9 @@ def trajectory_of(
         for r in map(json.loads, (Path(run["paths"]["train_dir"]) / "metrics.jsonl").read_text().splitlines())
     }
     same = all(logged[s]["loss"] == study_logged[s]["loss"] for s in study_logged if s in logged)
-    points = []
+    long_chain = task_cfg.preset == "long_chain"
+    measure = _measure_long_chain if long_chain else _measure_checkpoint
+    points: list[dict[str, Any]] = []
     for checkpoint in [Path(prep["start"]["checkpoint"]), *checkpoints]:
         step = (
             0
@@ -198,15 +442,27 @@ def trajectory_of(
         hf = out / "hf" / f"step_{step}"
         if not (hf / "config.json").is_file():
             _export(checkpoint, hf, tokenizer_dir, prompts)
-        point = _measure_checkpoint(hf, kept, loss_section, problems, task_cfg.num_ops, max_new)
+        point = measure(hf, kept, loss_section, problems, task_cfg.num_ops, max_new)
         rec = logged.get(step, {})
         point.update(step=step, loss=rec.get("loss"), lam=rec.get("lambda"), ess=rec.get("ess"))
+        if long_chain:
+            since = [logged[s] for s in logged if (points[-1]["step"] if points else 0) < s <= step]
+            point["log"] = {
+                **{k: rec.get(k) for k in _LOGGED},
+                "window_mean_loss": sum(r["loss"] for r in since) / len(since) if since else None,
+                "window_max_grad_norm": max((r["grad_norm"] for r in since), default=None),
+            }
+            said = (
+                f"accuracy {point['accuracy_percent']:.1f}%, "
+                f"starved {point['weights']['starved_percent']:.1f}%"
+            )
+        else:
+            said = (
+                f"shortcut {point['shortcut_chosen_percent']:.0f}% "
+                f"forced stepwise {point['forced_stepwise_percent']:.0f}%"
+            )
         points.append(point)
-        print(
-            f"[trajectory] seed {seed} {label} step {step}: shortcut {point['shortcut_chosen_percent']:.0f}% "
-            f"forced stepwise {point['forced_stepwise_percent']:.0f}%",
-            flush=True,
-        )
+        print(f"[trajectory] seed {seed} {label} step {step}: {said}", flush=True)
     return {
         "label": label,
         "seed": seed,
@@ -214,6 +470,10 @@ def trajectory_of(
         "reproduces_study": same,
         "points": points,
     }
+
+
+_LOGGED = ("capped_fraction", "delta_mean", "delta_std", "g_mean", "gate_ess", "grad_norm", "lr")
+"""Training-log fields kept per long-chain checkpoint (besides loss, λ and ESS)."""
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -259,12 +519,77 @@ def _markdown(results: list[dict[str, Any]], every: int) -> str:
     return "\n".join(lines)
 
 
+def _markdown_long_chain(results: list[dict[str, Any]], every: int) -> str:
+    lines = [
+        "# Accuracy, errors and DisCorD's weight mass over training (long chain)",
+        "",
+        f"Every {every} steps (step 0: the start). Accuracy: greedy, held-out problems; errors judged"
+        " line by line on the student's own prefix. Weights at λ = 1 with the label's τ, normalised"
+        " over the seed's filtered traces; mass / tokens = the class's share of Σw / of the tokens;"
+        f" starved = share of tokens with weight < {STARVED}. Log: the training log at the step"
+        " (loss: mean since the previous checkpoint; grad: the largest gradient norm since then).",
+        "",
+    ]
+    for res in results:
+        head = (
+            f"## {res['label']}, seed {res['seed']}"
+            + (f", with {' '.join(res['overrides'])}" if res["overrides"] else "")
+            + f" (the retraining's losses equal the study's: {'yes' if res['reproduces_study'] else 'no'})"
+        )
+        lines += [
+            head,
+            "",
+            "| step | λ | loss | ESS | Δ mean / std | grad | accuracy % | first error at line 1..8 (%) |"
+            " table / carry / operand / layout errors % | starved % | top-1% mass % |"
+            " early results: mass / tokens, lq, starved | late results | carried copy | prompt copy |"
+            " answer |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in res["points"]:
+            c, log, wt = p["classes"], p.get("log", {}), p["weights"]
+
+            def cell(name: str, c: dict[str, Any] = c) -> str:
+                if name not in c:
+                    return "—"
+                x = c[name]
+                share = f"{x['mass']:.3f} / {x['tokens']:.3f}"
+                return f"{share}, {x['student_logprob']:.2f}, {100 * x['starved']:.1f}%"
+
+            errs = " / ".join(f"{sum(p['line_error_percent'][k]):.1f}" for k in LINE_ERRORS)
+            first = " ".join(f"{x:.0f}" for x in p["first_error_line_percent"][:-1])
+            lines.append(
+                f"| {p['step']} | {_fmt(p['lam'], '.2f')} | {_fmt(log.get('window_mean_loss'), '.4f')} | "
+                f"{_fmt(p['ess'], '.3f')} | {_fmt(log.get('delta_mean'), '.2f')} / "
+                f"{_fmt(log.get('delta_std'), '.2f')} | {_fmt(log.get('window_max_grad_norm'), '.2f')} | "
+                f"{p['accuracy_percent']:.1f} | {first} | {errs} | {wt['starved_percent']:.1f} | "
+                f"{wt['top1_mass_percent']:.1f} | {cell('result_early')} | {cell('result_late')} | "
+                f"{cell('carried_copy')} | {cell('prompt_copy')} | {cell('answer')} |"
+            )
+        lines += [
+            "",
+            "Per line (1..8): the result token's mean log-prob on the teacher's traces, its mean weight,"
+            " and the greedy solutions' table errors (%) on that line.",
+            "",
+            "| step | result lq per line | result weight per line | table errors % per line |",
+            "|---|---|---|---|",
+        ]
+        for p in res["points"]:
+            lq = " ".join(f"{x['student_logprob']:.2f}" for x in p["lines"])
+            weight = " ".join(f"{x['mean_weight']:.2f}" for x in p["lines"])
+            table = " ".join(f"{x:.0f}" for x in p["line_error_percent"]["table"])
+            lines.append(f"| {p['step']} | {lq} | {weight} | {table} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure the trajectories of a study's students; write trajectory.json / trajectory.md."""
     from nemo_dcod.study.config import TaskSection
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--report", required=True, help="a finished styles-task study's summary.json")
+    parser.add_argument(
+        "--report", required=True, help="a finished study's summary.json (styles or long_chain task)"
+    )
     parser.add_argument("--labels", nargs="+", required=True, help="students to follow (their labels)")
     parser.add_argument(
         "--seeds", nargs="*", type=int, default=None, help="default: every seed of the report"
@@ -272,6 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=100, help="steps between measured checkpoints")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems for choice and skill")
     parser.add_argument("--traces", type=int, default=300, help="filtered teacher traces for the weights")
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help="τ of the measured weights for every label (default: the label's own; 1 for non-DisCorD labels)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--set", nargs="*", default=[], help="train overrides key=value (e.g. data.shuffle=false)"
@@ -279,12 +610,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     summary = json.loads(Path(args.report).read_text())
     task_cfg = TaskSection(**summary["config"]["task"])
-    if task_cfg.preset != "styles":
-        parser.error("the token classes are the styles task's: --report must be a styles-task study")
+    if task_cfg.preset not in ("styles", "long_chain"):
+        parser.error(
+            f"task preset {task_cfg.preset!r}: token classes exist for the styles and long_chain tasks only"
+        )
+    render = _markdown_long_chain if task_cfg.preset == "long_chain" else _markdown
     out = Path(args.out)
     results = []
     for label in args.labels:
         runs, section = summary["students"][label]["per_seed"], summary["students"][label]["loss"]
+        if args.tau is not None:
+            section = {**section, "tau": args.tau}
         for seed_text, run in runs.items():
             seed = int(seed_text)
             if args.seeds and seed not in args.seeds:
@@ -307,10 +643,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             out.mkdir(parents=True, exist_ok=True)
             (out / "trajectory.json").write_text(json.dumps(results, indent=1) + "\n")
-            (out / "trajectory.md").write_text(_markdown(results, args.every))
-    print(_markdown(results, args.every))
-    finals = {f"{r['label']}_s{r['seed']}": r["points"][-1]["forced_stepwise_percent"] for r in results}
-    print("RESULT " + " ".join(f"forced_stepwise_{k}={v:.1f}" for k, v in finals.items()))
+            (out / "trajectory.md").write_text(render(results, args.every))
+    print(render(results, args.every))
+    key = "accuracy_percent" if task_cfg.preset == "long_chain" else "forced_stepwise_percent"
+    finals = {f"{r['label']}_s{r['seed']}": r["points"][-1][key] for r in results}
+    print("RESULT " + " ".join(f"{key.removesuffix('_percent')}_{k}={v:.1f}" for k, v in finals.items()))
     return 0
 
 
