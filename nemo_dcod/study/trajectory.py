@@ -354,12 +354,17 @@ def _measure_long_chain(
         sel = mask[:, pos] if pos < mask.shape[1] else torch.zeros(mask.shape[0], dtype=torch.bool)
         if not bool(sel.any()):
             continue
+        # the line's operator and operand, copied from the prompt (all traces reach them: pos > them)
+        copy = w[sel][:, pos - 3 : pos - 1]
         lines.append(
             {
                 "line": i + 1,
                 "mean_weight": float(w[sel, pos].mean()),
                 "starved": float((w[sel, pos] < STARVED).double().mean()),
                 "student_logprob": float(inputs.student_logprobs[sel, pos].mean()),
+                "copy_weight": float(copy.mean()),
+                "copy_starved": float((copy < STARVED).double().mean()),
+                "copy_logprob": float(inputs.student_logprobs[sel][:, pos - 3 : pos - 1].mean()),
             }
         )
     flat = w[mask]
@@ -568,16 +573,23 @@ def _markdown_long_chain(results: list[dict[str, Any]], every: int) -> str:
         lines += [
             "",
             "Per line (1..8): the result token's mean log-prob on the teacher's traces, its mean weight,"
-            " and the greedy solutions' table errors (%) on that line.",
+            " the same for the operator and operand the line copies from the prompt, and the greedy"
+            " solutions' table and operand errors (%) on that line.",
             "",
-            "| step | result lq per line | result weight per line | table errors % per line |",
-            "|---|---|---|---|",
+            "| step | result lq per line | result weight per line | copied op/operand lq per line |"
+            " copied op/operand weight per line | table errors % per line | operand errors % per line |",
+            "|---|---|---|---|---|---|---|",
         ]
         for p in res["points"]:
             lq = " ".join(f"{x['student_logprob']:.2f}" for x in p["lines"])
             weight = " ".join(f"{x['mean_weight']:.2f}" for x in p["lines"])
+            copy_lq = " ".join(f"{x['copy_logprob']:.2f}" for x in p["lines"])
+            copy_weight = " ".join(f"{x['copy_weight']:.2f}" for x in p["lines"])
             table = " ".join(f"{x:.0f}" for x in p["line_error_percent"]["table"])
-            lines.append(f"| {p['step']} | {lq} | {weight} | {table} |")
+            operand = " ".join(f"{x:.0f}" for x in p["line_error_percent"]["operand"])
+            lines.append(
+                f"| {p['step']} | {lq} | {weight} | {copy_lq} | {copy_weight} | {table} | {operand} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
