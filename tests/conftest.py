@@ -1,6 +1,7 @@
-"""Shared fixtures: restore torch's global state after every test; skip GPU tests without a GPU;
-refuse a test whose folder and marker disagree (``tests/unit``: none of ``distributed``, ``gpu``,
-``slurm``; ``tests/distributed``, ``tests/gpu``, ``tests/slurm``: their own one)."""
+"""Shared fixtures: restore torch's global state and end Megatron's parallel state after every
+test; skip GPU tests without a GPU; refuse a test whose folder and marker disagree (``tests/unit``:
+none of ``distributed``, ``gpu``, ``slurm``; ``tests/distributed``, ``tests/gpu``, ``tests/slurm``:
+their own one)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def _restore_torch_state() -> Iterator[None]:
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
+    if "megatron.core.parallel_state" in sys.modules:
+        # Groups megatron-core leaves referenced would hang every later forked gloo worker
+        # (nemo_dcod/parallel/state.py; tests/distributed/test_parallel_state.py).
+        from nemo_dcod.parallel.state import destroy_model_parallel
+
+        destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -213,10 +213,11 @@ class _CheckedImporter:
 def end_distributed() -> None:
     """Destroy Megatron's parallel state and the process group NeMo's setup started, if any."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
+
+    from nemo_dcod.parallel.state import destroy_model_parallel
 
     if dist.is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
         dist.destroy_process_group()
 
 

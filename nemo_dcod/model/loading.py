@@ -36,6 +36,8 @@ def megatron_parallel(
     """
     from megatron.core import parallel_state, tensor_parallel
 
+    from nemo_dcod.parallel.state import destroy_model_parallel
+
     created = not dist.is_initialized()
     if created:
         # An in-memory store: a TCP store leaves a server thread behind, and a process forked
@@ -49,7 +51,7 @@ def megatron_parallel(
     try:
         yield
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
         if created:
             dist.destroy_process_group()
 

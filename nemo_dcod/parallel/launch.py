@@ -12,10 +12,13 @@ parsed: torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``, srun's ``SLURM_PR
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import queue
+import signal
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -48,8 +51,18 @@ def _detached(obj: Any) -> Any:
 
 
 def _entry(
-    rank: int, fn: Callable[..., Any], world: int, port: int, threads: int, results: Any, args: tuple
+    rank: int,
+    fn: Callable[..., Any],
+    world: int,
+    port: int,
+    threads: int,
+    results: Any,
+    args: tuple,
+    stacks: str,
 ) -> None:
+    # SIGUSR1 writes every thread's Python stack to `stacks`: how run_local says where a rank hung.
+    stack_file = open(stacks, "w")  # noqa: SIM115 (open for the process's life, as faulthandler needs)
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     try:
         torch.set_num_threads(threads)
         os.environ.update(
@@ -94,14 +107,17 @@ def run_local(
     results = ctx.Queue()
     port = free_port()
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    stack_dir = tempfile.TemporaryDirectory(prefix="run_local_stacks_")
+    stacks = [os.path.join(stack_dir.name, f"rank{rank}.txt") for rank in range(world_size)]
     procs = [
-        ctx.Process(target=_entry, args=(rank, fn, world_size, port, threads, results, args))
+        ctx.Process(target=_entry, args=(rank, fn, world_size, port, threads, results, args, stacks[rank]))
         for rank in range(world_size)
     ]
     for p in procs:
         p.start()
     outs: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
+    grace = 1.0  # seconds each rank gets to exit after a failure (the others may wait in a collective)
     try:
         while len(outs) < world_size:
             try:
@@ -114,18 +130,41 @@ def run_local(
                     ) from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"timed out after {timeout:.0f}s; finished ranks: {sorted(outs)}"
+                        f"timed out after {timeout:.0f}s; finished ranks: {sorted(outs)}; where the "
+                        f"others were:\n{_hung_stacks(procs, stacks, outs)}"
                     ) from None
                 continue
             if error is not None:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{error}")
             outs[rank] = torch.load(io.BytesIO(out), weights_only=False)
+        grace = 30.0  # every rank answered: let each end its process group and exit
     finally:
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=grace)
             if p.is_alive():
                 p.kill()
+        stack_dir.cleanup()
     return [outs[r] for r in range(world_size)]
+
+
+def _hung_stacks(procs: list[Any], stacks: list[str], finished: Mapping[int, Any]) -> str:
+    """The Python stacks of the unfinished ranks (SIGUSR1 makes each write them; see ``_entry``),
+    with the launching process's thread count: a fork from a process with threads can deadlock."""
+    for rank, p in enumerate(procs):
+        if rank not in finished and p.is_alive() and p.pid is not None:
+            os.kill(p.pid, signal.SIGUSR1)
+    time.sleep(2.0)
+    tasks = "/proc/self/task"
+    parts = [f"launching process: {len(os.listdir(tasks)) if os.path.isdir(tasks) else '?'} threads"]
+    for rank, path in enumerate(stacks):
+        if rank not in finished:
+            try:
+                with open(path) as f:
+                    text = f.read().strip()
+            except OSError:
+                text = ""
+            parts.append(f"rank {rank}:\n{text or '(no stack written: the rank did not reach Python)'}")
+    return "\n".join(parts)
 
 
 def launcher_ranks(env: Mapping[str, str] | None = None) -> tuple[int, int, int] | None:

@@ -4,8 +4,11 @@ Each worker is forked (fast: torch is already imported, no CUDA exists to be for
 production launcher, :func:`nemo_dcod.parallel.launch.run_local`: it joins a ``gloo`` group over
 TCP on loopback, runs ``fn(rank, world_size, *args)`` with one thread, and sends its (picklable)
 result back. A failure or death of any rank fails the caller with that rank's traceback or exit
-code; a hang fails it after ``timeout`` seconds (420 by default: test_thd_model.py, 123 s in all
-when run alone, had its module fixture run past 180 s beside other test runs on the 2 cores).
+code; a hang fails it after ``timeout`` seconds (420 by default: generous for 2 loaded cores),
+with every unfinished rank's Python stack. Forking is safe because the launching (pytest) process
+keeps no thread pool that a child could need: the one measured exception, process groups that
+megatron-core's ``destroy_model_parallel`` leaves alive, is closed by ``tests/conftest.py`` after
+every test (nemo_dcod/parallel/state.py; tests/distributed/test_parallel_state.py).
 """
 
 from __future__ import annotations
