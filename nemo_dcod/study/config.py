@@ -189,6 +189,10 @@ class TrainingSection:
     topk: int = 8
     """Teacher top-k written into each seed's store, exactly, from the program teacher (kl, todi
     and DisCorD's kl base read it); 0: none."""
+    shuffle: bool = True
+    """``data.shuffle`` of every training of the study, the warm start's included; False serves
+    the store's rows in store order every epoch (longest documents first), as all runs did before
+    2026-12-07: for measuring what the order did to earlier results."""
 
     def problems(self, prefix: str = "training") -> list[str]:
         """Every invalid value, naming the field."""

@@ -46,10 +46,12 @@ def train_config(
     init_from: Path | None = None,
     hidden_size: int | None = None,
     ffn_hidden_size: int | None = None,
+    shuffle: bool = True,
 ) -> Any:
     """A :class:`TrainConfig` of the tiny Llama 3.1 on ``store`` (one micro-batch per step, no validation).
 
-    With ``init_from`` the architecture is the checkpoint's (widths must then be None).
+    With ``init_from`` the architecture is the checkpoint's (widths must then be None). ``shuffle``:
+    ``data.shuffle`` (False: the store's order every epoch, as every run before 2026-12-07).
     """
     from nemo_dcod.parallel.layout import ParallelSection
     from nemo_dcod.train.config import DataSection, ModelSection, OptimSection, TrainConfig, TrainerSection
@@ -71,7 +73,12 @@ def train_config(
             lr=lr, min_lr=lr / 10, warmup_steps=min(10, steps // 10), weight_decay=0.0, clip_grad=1.0
         ),
         data=DataSection(
-            source="store", path=str(store), vocab_size=vocab_size, seq_length=seq_length, num_val_samples=0
+            source="store",
+            path=str(store),
+            vocab_size=vocab_size,
+            seq_length=seq_length,
+            num_val_samples=0,
+            shuffle=shuffle,
         ),
         trainer=TrainerSection(
             max_steps=steps,

@@ -82,6 +82,8 @@ def _fields(section: Any, names: tuple[str, ...]) -> dict[str, Any]:
 def _seed_key(cfg: StudyConfig, seed: int) -> str:
     start = _fields(cfg.start, _WARM_KEYS) if cfg.start.kind == "warm" else {"kind": "random"}
     sizes = _fields(cfg.training, ("hidden_size", "ffn_hidden_size", "global_batch_size", "topk"))
+    if not cfg.training.shuffle:  # keyed only when off: the folders made before the field stay valid
+        sizes["shuffle"] = False
     task = _fields(cfg.task, _TASK_KEYS)
     return _key({"v": PREP_VERSION, "task": task, "start": start, "sizes": sizes, "seed": seed})
 
@@ -97,7 +99,7 @@ def student_dir(cfg: StudyConfig, seed: int, section: dict[str, Any]) -> Path:
         "v": STUDENT_VERSION,
         "seed": _seed_key(cfg, seed),
         "loss": {k: v for k, v in section.items() if k != "label"},
-        "training": _fields(cfg.training, _TRAINING_KEYS),
+        "training": _fields(cfg.training, _TRAINING_KEYS + (() if cfg.training.shuffle else ("shuffle",))),
         "evaluation": _fields(cfg.evaluation, _EVALUATION_KEYS),
     }
     return Path(cfg.run_dir).resolve() / "students" / f"seed_{seed}" / f"{label_of(section)}-{_key(content)}"

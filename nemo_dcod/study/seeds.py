@@ -92,6 +92,7 @@ def _start(
             loss={"name": "sft"},
             hidden_size=tr.hidden_size,
             ffn_hidden_size=tr.ffn_hidden_size,
+            shuffle=tr.shuffle,
         )
 
     if s.kind == "random":

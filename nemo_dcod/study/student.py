@@ -178,6 +178,7 @@ def _train(cfg: StudyConfig, seed: int, section: dict[str, Any], where: Path, pr
         tp=tr.tensor_model_parallel_size,
         loss={k: v for k, v in section.items() if k != "label"},
         init_from=Path(prep["start"]["checkpoint"]),
+        shuffle=tr.shuffle,
     )
     return train_run(run, where / "logs", "train")
 

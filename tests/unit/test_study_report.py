@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,3 +234,35 @@ def test_held_out_selection_takes_the_best_and_the_best_discord() -> None:
     assert [label for label, _ in choose([report, other])[1]] == ["discord_min"]  # the best is a DisCorD
     with pytest.raises(ValueError, match="different tasks"):
         choose([report, {**other, "start": "warm"}])
+
+
+def test_training_shuffle_reaches_every_training_and_is_keyed_only_when_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``training.shuffle=false`` (store order, as before 2026-12-07) makes other seed and student
+    folders and reaches the train config; the default keeps the folders made before the field."""
+    from nemo_dcod.config import load_config
+    from nemo_dcod.study import run
+    from nemo_dcod.study.config import StudyConfig
+    from nemo_dcod.study.launch import train_config
+
+    on = load_config(StudyConfig, None, ["run_dir=/r", "start.kind=warm"]).resolved()
+    off = load_config(
+        StudyConfig, None, ["run_dir=/r", "start.kind=warm", "training.shuffle=false"]
+    ).resolved()
+    section = {"label": "sft", "name": "sft"}
+    assert run.seed_dir(on, 0) != run.seed_dir(off, 0)
+    assert run.student_dir(on, 0, section) != run.student_dir(off, 0, section)
+    keyed: list[str] = []
+    key = run._key
+    monkeypatch.setattr(run, "_key", lambda obj: keyed.append(repr(obj)) or key(obj))
+    run.student_dir(on, 0, section)  # keys the seed's content, then the student's
+    assert len(keyed) == 2 and not any("shuffle" in k for k in keyed), keyed
+    run.student_dir(off, 0, section)
+    assert all("'shuffle': False" in k for k in keyed[2:]), keyed
+    kwargs: dict[str, Any] = dict(
+        seed=0, vocab_size=32, seq_length=16, steps=2, global_batch_size=2, lr=1e-3, tp=1
+    )
+    assert train_config(Path("/r"), Path("/s"), loss={"name": "sft"}, **kwargs).data.shuffle is True
+    cfg = train_config(Path("/r"), Path("/s"), loss={"name": "sft"}, shuffle=False, **kwargs)
+    assert cfg.data.shuffle is False
