@@ -68,8 +68,14 @@ class MegatronSampledDataModule(pl.LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size
 
-    def _loader(self, dataset: Dataset[dict[str, torch.Tensor]]) -> DataLoader[dict[str, torch.Tensor]]:
-        return DataLoader(dataset, num_workers=0, collate_fn=self.collate_fn)
+    def _loader(self, dataset: Dataset[dict[str, torch.Tensor]], mode: str) -> DataLoader[Any]:
+        """A loader tagged with its ``mode`` (NeMo's ``WrappedDataLoader``): NeMo's sampler starts only
+        ``train`` loaders at the resumed consumed-samples count; an untagged loader counts as train,
+        so a resumed run's validation sampler started past its few samples (an extended run failed
+        with "no samples left to consume: 320, 16"; a shorter offset would have skipped some)."""
+        from nemo.lightning.data import WrappedDataLoader
+
+        return WrappedDataLoader(mode=mode, dataset=dataset, num_workers=0, collate_fn=self.collate_fn)
 
     def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         """Samples in index order; the Megatron sampler batches and shards them.
@@ -80,11 +86,11 @@ class MegatronSampledDataModule(pl.LightningDataModule):
         assert self.trainer is not None  # Lightning attaches it before asking for dataloaders
         self.init_global_step = self.trainer.global_step
         self.data_sampler.init_global_step = self.init_global_step
-        return self._loader(self.train_ds)
+        return self._loader(self.train_ds, "train")
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        """The validation samples."""
-        return self._loader(self.val_ds)
+        """The validation samples, from the first every time (also after a resume)."""
+        return self._loader(self.val_ds, "validation")
 
     def reconfigure_limit_batches(self) -> None:
         """Count ``limit_val_batches`` in global batches: Lightning counts micro-batches here (NeMo

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -514,6 +515,28 @@ def test_every_rank_resumes_from_rank_zeros_choice(
     switched = f"warning: rank 1 resumes from {step_4}, the choice of rank 0; its own check chose "
     own = re.search(re.escape(switched) + r"(\S+)", launch.log)
     assert own and _samples(Path(own.group(1))) == 2 * GLOBAL_BATCH, launch.log[-4000:]
+
+
+def test_a_finished_run_extended_with_more_steps_validates_from_its_first_sample(
+    reference: tuple[Path, dict[int, dict[str, Any]]], tmp_path: Path, launches: list[Launch]
+) -> None:
+    """The common "train N more steps" relaunch, with validation on: the validation sampler starts
+    at its first sample, not at the training's resumed count (which, past the 16 validation
+    samples, made NeMo's sampler refuse with "no samples left to consume: 48, 16")."""
+    run_dir = tmp_path / "extended"
+    shutil.copytree(reference[0], run_dir, symlinks=True)
+    more = MAX_STEPS + 2
+    args = [*TRAIN_ARGS, f"trainer.max_steps={more}", "trainer.val_check_interval=2"]
+    launch = _launch(launches, run_dir, args)
+    launch.finish()
+    assert _restored_from(launch.log).name.startswith(f"step={MAX_STEPS - 1}-"), launch.log[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    trained = [r["step"] for r in records if "loss" in r]
+    validated = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert trained == list(range(1, more + 1)), trained  # the reference's steps, then 7 and 8
+    assert sorted(validated) == [more] and math.isfinite(validated[more]), validated
+    state = _training_state(newest_complete_checkpoint(run_dir / "checkpoints"))
+    assert state["global_step"] == more and state["data"]["consumed_samples"] == more * GLOBAL_BATCH
 
 
 @pytest.mark.parametrize(
