@@ -94,7 +94,13 @@ class DemoConfig:
     students: list[dict[str, Any]] = field(
         default_factory=lambda: [
             {"name": "sft"},
-            {"name": "discord", "tau": 0.25, "lambda_warmup_fraction": 0.4, "lambda_ramp_fraction": 0.2},
+            {
+                "name": "discord",
+                "tau": 0.25,
+                "lambda_max": 0.75,
+                "lambda_warmup_fraction": 0.4,
+                "lambda_ramp_fraction": 0.2,
+            },
         ],
         metadata=LOSS_SECTION,
     )

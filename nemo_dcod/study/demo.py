@@ -22,7 +22,7 @@ from nemo_dcod.demo.config import DemoConfig
 from nemo_dcod.losses.registry import label_of
 from nemo_dcod.study.config import StudyError
 
-__all__ = ["DemoError", "fresh_run_dir", "run_demo", "study_of"]
+__all__ = ["DemoError", "fresh_run_dir", "run_demo", "study_of", "verdict"]
 
 _MARKER = "demo.json"
 """Written first into a demo's run directory: what marks it as safe to replace on the next run."""
@@ -121,4 +121,44 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 f"{same['expected_equal_steps']} (step 1: {same['step1_losses']}): the comparison is void. "
                 f"See {run_dir / 'report_demo' / 'summary.json'}."
             )
+    print(verdict(summary), flush=True)
     return summary
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """What the demo's one seed shows, with its caveats (printed at its end).
+
+    Every student is compared with the baseline on greedy accuracy; the comparison is only called
+    meaningful when the baseline learned the stepwise skill (forced-stepwise accuracy >= 90%: the
+    method has something to act on).
+    """
+    base = summary["baseline"]
+    students = summary["students"]
+    seed = str(summary["seeds"][0])
+    b = students[base]["per_seed"][seed]
+    lines = ["", "## What this run shows (one seed, a synthetic task)", ""]
+    skill = b.get("forced_stepwise_percent")
+    if skill is None or skill < 90:
+        lines.append(
+            f"- {base}'s forced-stepwise skill is {skill}% (< 90%): the student never learned what the "
+            "method could act on, so this run compares nothing; see docs/results.md for the studies."
+        )
+        return "\n".join(lines)
+    for label, student in students.items():
+        if label == base:
+            continue
+        r = student["per_seed"][seed]
+        delta = r["accuracy_percent"] - b["accuracy_percent"]
+        word = "beats" if delta >= 5 else "trails" if delta <= -5 else "matches"
+        lines.append(
+            f"- {label} {word} {base}: greedy accuracy {r['accuracy_percent']:.1f}% vs "
+            f"{b['accuracy_percent']:.1f}% ({delta:+.1f}); shortcut chosen "
+            f"{r['shortcut_share_percent']:.0f}% vs {b['shortcut_share_percent']:.0f}%; "
+            f"forced-stepwise skill {r['forced_stepwise_percent']:.1f}% vs {skill:.1f}%."
+        )
+    lines += [
+        "- Caveats: one seed, no interval; a synthetic task whose teacher writes a shortcut the student "
+        "cannot execute. The held-out evidence (5 seeds) and the long-chain task, where DisCorD does "
+        "not beat SFT, are in docs/results.md.",
+    ]
+    return "\n".join(lines)

@@ -266,3 +266,29 @@ def test_training_shuffle_reaches_every_training_and_is_keyed_only_when_off(
     assert train_config(Path("/r"), Path("/s"), loss={"name": "sft"}, **kwargs).data.shuffle is True
     cfg = train_config(Path("/r"), Path("/s"), loss={"name": "sft"}, shuffle=False, **kwargs)
     assert cfg.data.shuffle is False
+
+
+def test_demo_verdict_states_the_win_and_its_caveats_or_that_nothing_was_compared() -> None:
+    import json
+
+    from nemo_dcod.study.demo import verdict
+
+    def seed(accuracy: float, shortcut: float, skill: float) -> dict[str, Any]:
+        keys = ("accuracy_percent", "shortcut_share_percent", "forced_stepwise_percent")
+        return {"per_seed": {"0": dict(zip(keys, (accuracy, shortcut, skill), strict=True))}}
+
+    summary = {
+        "baseline": "sft",
+        "seeds": [0],
+        "students": {"sft": seed(14.5, 100.0, 100.0), "discord": seed(100.0, 0.0, 100.0)},
+    }
+    text = verdict(summary)
+    assert "discord beats sft: greedy accuracy 100.0% vs 14.5% (+85.5)" in text, text
+    assert "one seed, no interval" in text
+    unlearned = json.loads(json.dumps(summary))
+    unlearned["students"]["sft"]["per_seed"]["0"]["forced_stepwise_percent"] = 40.0
+    text = verdict(unlearned)
+    assert "never learned" in text and "beats" not in text, text
+    tied = json.loads(json.dumps(summary))
+    tied["students"]["discord"]["per_seed"]["0"]["accuracy_percent"] = 16.0
+    assert "discord matches sft" in verdict(tied)
