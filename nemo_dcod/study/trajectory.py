@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
+
+from nemo_dcod.study.trajectory_report import _LOGGED, LINE_ERRORS, STARVED, _markdown, _markdown_long_chain
 
 __all__ = [
     "CLASSES",
@@ -69,10 +70,6 @@ LONG_CHAIN_CLASSES = (
     "other",
 )
 """Token classes of a long-chain response (:func:`long_chain_classes`)."""
-STARVED = 0.1
-"""A token whose DisCorD weight is below this gets (almost) no gradient: it is *starved*."""
-LINE_ERRORS = ("table", "carry", "operand", "layout")
-"""What can be wrong in a line of a greedy solution (:func:`line_errors`)."""
 
 
 def token_classes(token_ids: list[int], style: str, num_ops: int, answer_marker: int) -> list[str]:
@@ -314,6 +311,21 @@ def _greedy_words(model: Any, tokenizer: Any, problems: list[Any], max_new: int)
     return [t.split() for t in texts]
 
 
+def _starved_by_class(class_rows: list[list[str]], mask: Any, starved: Any) -> dict[str, float]:
+    """Each long-chain class's share of the starved tokens (``starved``: over ``mask``'s tokens)."""
+    out: dict[str, float] = {}
+    if not bool(starved.any()):
+        return out
+    pairs = zip(class_rows, mask, strict=True)
+    names = [c for row, m in pairs for c, keep in zip(row, m, strict=False) if keep]
+    total = int(starved.sum())
+    for name in LONG_CHAIN_CLASSES:
+        hits = sum(1 for c, s in zip(names, starved.tolist(), strict=True) if s and c == name)
+        if hits:
+            out[name] = hits / total
+    return out
+
+
 def _measure_long_chain(
     hf: Path,
     records: list[dict[str, Any]],
@@ -370,19 +382,7 @@ def _measure_long_chain(
     flat = w[mask]
     top = max(1, int(0.01 * flat.numel()))
     starved = flat < STARVED
-    starved_by_class: dict[str, float] = {}
-    if bool(starved.any()):
-        names = [
-            c
-            for row, m in zip(class_rows, mask, strict=True)
-            for c, keep in zip(row, m, strict=False)
-            if keep
-        ]
-        total = int(starved.sum())
-        for name in LONG_CHAIN_CLASSES:
-            hits = sum(1 for c, s in zip(names, starved.tolist(), strict=True) if s and c == name)
-            if hits:
-                starved_by_class[name] = hits / total
+    starved_by_class = _starved_by_class(class_rows, mask, starved)
     return {
         "accuracy_percent": 100.0 * correct / n,
         "stepwise_first_percent": 100.0 * stepwise / n,
@@ -475,123 +475,6 @@ def trajectory_of(
         "reproduces_study": same,
         "points": points,
     }
-
-
-_LOGGED = ("capped_fraction", "delta_mean", "delta_std", "g_mean", "gate_ess", "grad_norm", "lr")
-"""Training-log fields kept per long-chain checkpoint (besides loss, λ and ESS)."""
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def _markdown(results: list[dict[str, Any]], every: int) -> str:
-    lines = [
-        "# Skill, choice and DisCorD's weight mass over training",
-        "",
-        f"Every {every} steps (step 0: the start). Weights at λ = 1 with the label's τ, normalised over"
-        " the seed's filtered traces; mass = the class's share of Σw, tokens = its share of the tokens.",
-        "",
-    ]
-    for res in results:
-        lines += [
-            f"## {res['label']}, seed {res['seed']}"
-            + (f", with {' '.join(res['overrides'])}" if res["overrides"] else "")
-            + f" (the retraining's losses equal the study's: {'yes' if res['reproduces_study'] else 'no'})",
-            "",
-            "| step | λ | loss | ESS | shortcut chosen % | forced stepwise % | stepwise result: "
-            "mass / tokens, lq | shortcut result: mass / tokens, lq | style: mass / tokens |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for p in res["points"]:
-            c = p["classes"]
-
-            def cell(name: str, lq: bool = True, c: dict[str, Any] = c) -> str:
-                if name not in c:
-                    return "—"
-                x = c[name]
-                return f"{x['mass']:.3f} / {x['tokens']:.3f}" + (
-                    f", {x['student_logprob']:.2f}" if lq else ""
-                )
-
-            lines.append(
-                f"| {p['step']} | {_fmt(p['lam'], '.2f')} | {_fmt(p['loss'], '.4f')} | "
-                f"{_fmt(p['ess'], '.3f')} | "
-                f"{p['shortcut_chosen_percent']:.1f} | {p['forced_stepwise_percent']:.1f} | "
-                f"{cell('stepwise_result')} | {cell('shortcut_result')} | {cell('style', lq=False)} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _markdown_long_chain(results: list[dict[str, Any]], every: int) -> str:
-    lines = [
-        "# Accuracy, errors and DisCorD's weight mass over training (long chain)",
-        "",
-        f"Every {every} steps (step 0: the start). Accuracy: greedy, held-out problems; errors judged"
-        " line by line on the student's own prefix. Weights at λ = 1 with the label's τ, normalised"
-        " over the seed's filtered traces; mass / tokens = the class's share of Σw / of the tokens;"
-        f" starved = share of tokens with weight < {STARVED}. Log: the training log at the step"
-        " (loss: mean since the previous checkpoint; grad: the largest gradient norm since then).",
-        "",
-    ]
-    for res in results:
-        head = (
-            f"## {res['label']}, seed {res['seed']}"
-            + (f", with {' '.join(res['overrides'])}" if res["overrides"] else "")
-            + f" (the retraining's losses equal the study's: {'yes' if res['reproduces_study'] else 'no'})"
-        )
-        lines += [
-            head,
-            "",
-            "| step | λ | loss | ESS | Δ mean / std | grad | accuracy % | first error at line 1..8 (%) |"
-            " table / carry / operand / layout errors % | starved % | top-1% mass % |"
-            " early results: mass / tokens, lq, starved | late results | carried copy | prompt copy |"
-            " answer |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for p in res["points"]:
-            c, log, wt = p["classes"], p.get("log", {}), p["weights"]
-
-            def cell(name: str, c: dict[str, Any] = c) -> str:
-                if name not in c:
-                    return "—"
-                x = c[name]
-                share = f"{x['mass']:.3f} / {x['tokens']:.3f}"
-                return f"{share}, {x['student_logprob']:.2f}, {100 * x['starved']:.1f}%"
-
-            errs = " / ".join(f"{sum(p['line_error_percent'][k]):.1f}" for k in LINE_ERRORS)
-            first = " ".join(f"{x:.0f}" for x in p["first_error_line_percent"][:-1])
-            lines.append(
-                f"| {p['step']} | {_fmt(p['lam'], '.2f')} | {_fmt(log.get('window_mean_loss'), '.4f')} | "
-                f"{_fmt(p['ess'], '.3f')} | {_fmt(log.get('delta_mean'), '.2f')} / "
-                f"{_fmt(log.get('delta_std'), '.2f')} | {_fmt(log.get('window_max_grad_norm'), '.2f')} | "
-                f"{p['accuracy_percent']:.1f} | {first} | {errs} | {wt['starved_percent']:.1f} | "
-                f"{wt['top1_mass_percent']:.1f} | {cell('result_early')} | {cell('result_late')} | "
-                f"{cell('carried_copy')} | {cell('prompt_copy')} | {cell('answer')} |"
-            )
-        lines += [
-            "",
-            "Per line (1..8): the result token's mean log-prob on the teacher's traces, its mean weight,"
-            " the same for the operator and operand the line copies from the prompt, and the greedy"
-            " solutions' table and operand errors (%) on that line.",
-            "",
-            "| step | result lq per line | result weight per line | copied op/operand lq per line |"
-            " copied op/operand weight per line | table errors % per line | operand errors % per line |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for p in res["points"]:
-            lq = " ".join(f"{x['student_logprob']:.2f}" for x in p["lines"])
-            weight = " ".join(f"{x['mean_weight']:.2f}" for x in p["lines"])
-            copy_lq = " ".join(f"{x['copy_logprob']:.2f}" for x in p["lines"])
-            copy_weight = " ".join(f"{x['copy_weight']:.2f}" for x in p["lines"])
-            table = " ".join(f"{x:.0f}" for x in p["line_error_percent"]["table"])
-            operand = " ".join(f"{x:.0f}" for x in p["line_error_percent"]["operand"])
-            lines.append(
-                f"| {p['step']} | {lq} | {weight} | {copy_lq} | {copy_weight} | {table} | {operand} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
