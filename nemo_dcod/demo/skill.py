@@ -16,7 +16,7 @@ import torch
 
 from nemo_dcod.demo.task import Problem
 
-__all__ = ["forced_style_accuracy"]
+__all__ = ["forced_style_accuracy", "greedy_texts"]
 
 
 def forced_style_accuracy(
@@ -38,7 +38,19 @@ def forced_style_accuracy(
 
     _, prompts = encode_prompts(tokenizer, [p.text for p in problems])
     style_id = tokenizer.convert_tokens_to_ids(style)
-    ids = torch.tensor([[*p, style_id] for p in prompts], dtype=torch.long)
+    texts = greedy_texts(model, tokenizer, [[*p, style_id] for p in prompts], max_new_tokens)
+    correct = 0
+    for text, problem in zip(texts, problems, strict=True):
+        after = text.split("####")[-1].split() if "####" in text else []
+        correct += bool(after) and after[0] == str(problem.answer())
+    return correct / len(problems)
+
+
+def greedy_texts(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> list[str]:
+    """Each prompt's greedy continuation, decoded (prompts of equal length: no padding)."""
+    ids = torch.tensor([list(p) for p in prompts], dtype=torch.long)
     with torch.no_grad():
         out = model.generate(
             ids,
@@ -48,9 +60,4 @@ def forced_style_accuracy(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    correct = 0
-    for text, problem in zip(texts, problems, strict=True):
-        after = text.split("####")[-1].split() if "####" in text else []
-        correct += bool(after) and after[0] == str(problem.answer())
-    return correct / len(problems)
+    return list(tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True))

@@ -292,23 +292,11 @@ def _measure_checkpoint(
 
 def _greedy_words(model: Any, tokenizer: Any, problems: list[Any], max_new: int) -> list[list[str]]:
     """Each problem's greedy (unforced) response as words."""
-    import torch
-
+    from nemo_dcod.demo.skill import greedy_texts
     from nemo_dcod.eval.generation import encode_prompts
 
     _, prompts = encode_prompts(tokenizer, [p.text for p in problems])
-    ids = torch.tensor(prompts, dtype=torch.long)
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return [t.split() for t in texts]
+    return [t.split() for t in greedy_texts(model, tokenizer, prompts, max_new)]
 
 
 def _starved_by_class(class_rows: list[list[str]], mask: Any, starved: Any) -> dict[str, float]:
